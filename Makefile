@@ -1,0 +1,52 @@
+# make run   - the whole round (sample -> label -> train -> evaluate -> register) on the offline default,
+#              as a Prefect flow on Prefect's embedded server, each task a `dvc repro` stage, tracked in MLflow
+# make test  - the test suite
+# Both create or update the virtual environment .venv first, from the pinned requirements.lock.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+export DO_NOT_TRACK ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: run test install repro serve mlflow-ui clean
+
+install: $(STAMP)
+
+# torch==2.13.0 in the lock resolves to the local CPU wheel on CPU-only machines and to the CUDA build
+# on a GPU machine; torchvision is deliberately absent (it cannot load here and breaks transformers).
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@if $(PY) -m pip show -q torchvision 2>/dev/null; then $(PY) -m pip uninstall -y -q torchvision; fi
+	@rm -f $(VENV)/.installed-*; touch $@
+
+run: $(STAMP)
+	$(PY) -m flows.round
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# The same pipeline without Prefect (plain DVC; the venv's python must come first on PATH).
+repro: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# A long-lived process that runs the round on its cron schedule (flows/deploy.py).
+serve: $(STAMP)
+	$(PY) -m flows.deploy
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data models eval metrics plots registry mlflow.db mlartifacts .prefect dvc.lock

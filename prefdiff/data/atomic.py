@@ -1,0 +1,152 @@
+"""Atomic file and directory writes, and streamed sha256.
+
+Every file a later pipeline step reads is written to a temporary sibling and moved into place with
+``os.replace`` (atomic on POSIX within one filesystem), so a crash leaves either the old file or the new
+one, never a half-written one. Directories get the same treatment through :func:`atomic_dir`: the whole
+dataset is built in ``<final>.tmp-<pid>`` and swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_CHUNK = 1 << 20  # 1 MiB: bounded memory when hashing multi-GB shards
+
+
+def tmp_sibling(path: Path, tag: str = "tmp") -> Path:
+    """``<path>.<tag>-<pid>`` in the same directory (same filesystem, so ``os.replace`` is atomic)."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{tag}-{os.getpid()}")
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk, so a rename never publishes a file whose bytes are lost."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Best-effort fsync of a directory entry table (makes renames durable); ignored where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via ``<name>.tmp-<pid>`` + fsync + ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Pretty JSON (sorted keys are NOT used: key order is part of how humans read the index)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def prepare_tmp_dir(final_dir: Path) -> Path:
+    """Create an empty ``<final>.tmp-<pid>`` (removing a stale one left by this same pid)."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_sibling(final_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Swap a completed ``tmp_dir`` into ``final_dir``.
+
+    Two renames (old aside, new in) then delete the old one: a directory cannot be ``os.replace``-d over a
+    non-empty directory. The window between the renames is two syscalls; a crash there leaves the old data
+    intact under ``<final>.old-<pid>``.
+    """
+    tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    old = tmp_sibling(final_dir, "old")
+    if old.exists():
+        shutil.rmtree(old)
+    had_old = final_dir.exists()
+    if had_old:
+        os.replace(final_dir, old)
+    try:
+        os.replace(tmp_dir, final_dir)
+    except BaseException:
+        if had_old:  # put the previous dataset back
+            os.replace(old, final_dir)
+        raise
+    fsync_dir(final_dir.parent)
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def discard_dir(tmp_dir: Path) -> None:
+    """Remove a temporary directory (after a failure); missing is fine."""
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: Path) -> Iterator[Path]:
+    """Yield a temp sibling dir; on success it replaces ``final_dir``, on exception it is deleted.
+
+    >>> with atomic_dir(Path("data/preferences")) as tmp:   # doctest: +SKIP
+    ...     (tmp / "pairs.jsonl").write_text("...")
+    """
+    final_dir = Path(final_dir)
+    tmp = prepare_tmp_dir(final_dir)
+    try:
+        yield tmp
+    except BaseException:
+        discard_dir(tmp)
+        raise
+    try:
+        commit_dir(tmp, final_dir)
+    except BaseException:
+        discard_dir(tmp)
+        raise

@@ -1,0 +1,93 @@
+"""Group scores -> preference pairs, and the whole label step over a trajectory store.
+
+D3PO (Yang et al. 2024) compares images generated from the same prompt, so pairs never cross groups:
+each group of G images yields all C(G, 2) pairs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from prefdiff.data.preferences import LabelSummary, PreferencePair, summarize, write_preferences
+from prefdiff.labeling.judges import Judge
+
+if TYPE_CHECKING:
+    from prefdiff.data.trajectories import TrajectoryStore
+
+__all__ = ["LabelSummary", "label_trajectories", "pairs_from_groups", "summarize"]
+
+
+def pairs_from_groups(
+    groups: list[dict], scores: Mapping[int, float], *, higher_is_better: bool = True
+) -> list[PreferencePair]:
+    """All C(G,2) pairs per group (itertools.combinations over ``image_ids`` in order).
+
+    The better score wins (higher, unless ``higher_is_better=False``); exactly equal scores give
+    ``tie=True`` with winner/loser the two ids ascending. Scores are stored as given (not negated).
+    """
+    pairs: list[PreferencePair] = []
+    for g in groups:
+        for a, b in itertools.combinations(g["image_ids"], 2):
+            sa, sb = _score(scores, a), _score(scores, b)
+            if sa == sb:
+                win, lose, tie = min(a, b), max(a, b), True
+            else:
+                a_better = sa > sb if higher_is_better else sa < sb
+                win, lose, tie = (a, b, False) if a_better else (b, a, False)
+            pairs.append(
+                PreferencePair(
+                    group_id=int(g["group_id"]), prompt=str(g["prompt"]), winner=int(win), loser=int(lose),
+                    winner_score=_score(scores, win), loser_score=_score(scores, lose), tie=tie,
+                )
+            )
+    return pairs
+
+
+def _score(scores: Mapping[int, float], image_id: int) -> float:
+    if image_id not in scores:
+        raise KeyError(f"image_id {image_id}: no score (scored ids: {len(scores)})")
+    s = float(scores[image_id])
+    if not math.isfinite(s):  # NaN compares false both ways and would silently pick a winner
+        raise ValueError(f"image_id {image_id}: score {s} is not finite")
+    return s
+
+
+def label_trajectories(
+    store: TrajectoryStore,
+    judge: Judge,
+    out_dir: Path,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Score every final PNG with ``judge`` in batches, build pairs, write the preference dataset.
+
+    ``progress`` receives lines like "scored 64/90 images" (default: print). Returns the index path;
+    the counts are ``PreferenceStore.open(out_dir).summary()``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+    report = progress or print
+    n = store.num_images
+    scores: dict[int, float] = {}
+    for start in range(0, n, batch_size):
+        ids = list(range(start, min(start + batch_size, n)))
+        images = []
+        for i in ids:
+            with Image.open(store.png_path(i)) as im:
+                images.append(im.convert("RGB"))  # decode now; the file handle closes here
+        batch = judge.score(images, [store.prompt_of(i) for i in ids])
+        if len(batch) != len(ids):
+            raise ValueError(f"judge {judge.name!r} returned {len(batch)} scores for {len(ids)} images")
+        scores.update(zip(ids, (float(s) for s in batch)))
+        report(f"scored {len(scores)}/{n} images")
+    pairs = pairs_from_groups(store.groups(), scores, higher_is_better=judge.higher_is_better)
+    meta = {"name": judge.name, "higher_is_better": bool(judge.higher_is_better),
+            "params": dict(getattr(judge, "params", {}))}
+    return write_preferences(Path(out_dir), pairs, judge=meta, trajectories=store)

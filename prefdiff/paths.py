@@ -1,0 +1,70 @@
+"""Every path of the pipeline, defined once.
+
+Stages run with the DVC workspace as the current directory, so ``Paths(Path.cwd())`` is what they use;
+tests build a ``Paths`` on a temporary directory. ``dvc.yaml`` repeats these relative paths (DVC needs
+them literally); ``tests/test_dvc_yaml.py`` checks the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def trajectories(self) -> Path:
+        return self.root / "data" / "trajectories"
+
+    @property
+    def preferences(self) -> Path:
+        return self.root / "data" / "preferences"
+
+    @property
+    def lora(self) -> Path:
+        return self.root / "models" / "lora"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "models" / "checkpoints"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.root / "metrics" / "train.json"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "metrics" / "eval.json"
+
+    @property
+    def train_plot(self) -> Path:
+        return self.root / "plots" / "train.csv"
+
+    @property
+    def reward_curve_plot(self) -> Path:
+        return self.root / "plots" / "reward_curve.csv"
+
+    @property
+    def winrate_plot(self) -> Path:
+        return self.root / "plots" / "win_rate.csv"
+
+    @property
+    def decision(self) -> Path:
+        return self.root / "registry" / "decision.json"
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"

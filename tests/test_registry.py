@@ -1,0 +1,291 @@
+"""Registry gate, idempotency and lineage against a temporary SQLite registry; pyfunc end to end.
+
+One registry (SQLite + artifacts under a module temp dir) is shared by the module to keep it fast;
+every test uses its own registered-model name, so tests stay independent.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DVC_LOCK = """\
+schema: '2.0'
+stages:
+  sample:
+    cmd: python -m stages.sample
+    outs:
+    - path: data/trajectories
+      hash: md5
+      md5: 0123456789abcdef0123456789abcdef.dir
+      size: 100
+      nfiles: 3
+  train:
+    cmd: python -m stages.train
+    outs:
+    - path: models/lora
+      hash: md5
+      md5: fedcba9876543210fedcba9876543210.dir
+      size: 10
+      nfiles: 2
+  evaluate@heldout:
+    cmd: python -m stages.evaluate
+    outs:
+    - path: metrics/eval.json
+      hash: md5
+      md5: 11112222333344445555666677778888
+"""
+
+
+def _git(root: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A git repo (one commit) with params.yaml and dvc.lock, and MLflow pointed at a temp SQLite DB."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("ws")
+    (root / "params.yaml").write_text("register:\n  experiment: prefdiff-test\n")
+    (root / "dvc.lock").write_text(DVC_LOCK)
+    _git(root, "init", "-q")
+    _git(root, "add", "params.yaml", "dvc.lock")
+    _git(root, "commit", "-q", "-m", "init")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID; register it so it is removed afterwards
+        mp.setenv("MLFLOW_EXPERIMENT_ID", "")
+        mp.delenv("MLFLOW_EXPERIMENT_ID")
+        yield root
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri("")
+
+
+@pytest.fixture()
+def registry(workspace):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace}/mlflow.db")
+    return workspace
+
+
+def _lora(root: Path, name: str, payload: bytes = b"weights") -> Path:
+    d = root / "loras" / name
+    (d / "snapshots" / "epoch-0001").mkdir(parents=True, exist_ok=True)
+    (d / "pytorch_lora_weights.safetensors").write_bytes(payload)
+    (d / "snapshots" / "epoch-0001" / "pytorch_lora_weights.safetensors").write_bytes(payload[::-1])
+    return d
+
+
+def _register(root: Path, name: str, lora: Path, metrics: dict, **kw):
+    from prefdiff.registry import register_lora
+
+    args = dict(root=root, lora_dir=lora, eval_metrics=metrics, model_config={"base_source": "builtin:tiny-sd"},
+                model_name=name, gate_metric="trained_mean", base_metric="base_mean", min_improvement=0.05,
+                experiment="prefdiff-test")
+    args.update(kw)
+    return register_lora(**args)
+
+
+def _versions(name: str) -> list[int]:
+    import mlflow
+
+    return sorted(int(v.version) for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'"))
+
+
+def _alias(name: str, alias: str) -> int:
+    import mlflow
+
+    return int(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
+def test_gate_champion_challenger_and_promotion(registry):
+    name = "gate"
+    d1 = _register(registry, name, _lora(registry, "a", b"a"), {"trained_mean": 1.0, "base_mean": 0.5})
+    assert (d1.version, d1.alias, d1.compared_with, d1.reused) == (1, "champion", "base", False)
+    assert d1.value == 1.0 and d1.compared_to == 0.5
+
+    # 1.04 does not beat champion 1.0 by the 0.05 margin -> challenger; champion stays on v1
+    d2 = _register(registry, name, _lora(registry, "b", b"b"), {"trained_mean": 1.04, "base_mean": 0.5})
+    assert (d2.version, d2.alias, d2.compared_with, d2.compared_to) == (2, "challenger", "champion v1", 1.0)
+    assert _alias(name, "champion") == 1 and _alias(name, "challenger") == 2
+
+    # 1.06 > 1.0 + 0.05 -> champion moves to v3
+    d3 = _register(registry, name, _lora(registry, "c", b"c"), {"trained_mean": 1.06, "base_mean": 0.5})
+    assert (d3.version, d3.alias, d3.compared_with) == (3, "champion", "champion v1")
+    assert _alias(name, "champion") == 3 and _alias(name, "challenger") == 2
+    assert d3.to_dict()["compared_to"] == 1.0
+
+
+def test_first_version_that_does_not_beat_base_is_challenger(registry):
+    name = "below-base"
+    d = _register(registry, name, _lora(registry, "low", b"low"), {"trained_mean": 0.52, "base_mean": 0.5})
+    assert (d.version, d.alias, d.compared_with, d.compared_to) == (1, "challenger", "base", 0.5)
+    # no base metric: a first version is champion
+    d2 = _register(registry, "no-base", _lora(registry, "low", b"low"), {"trained_mean": 0.52}, base_metric=None)
+    assert (d2.alias, d2.compared_with, d2.compared_to) == ("champion", "none", None)
+
+
+def test_reregistering_identical_inputs_is_idempotent(registry):
+    name = "idem"
+    lora = _lora(registry, "idem", b"idem")
+    metrics = {"trained_mean": 2.0, "base_mean": 1.0}
+    first = _register(registry, name, lora, metrics)
+    again = _register(registry, name, lora, dict(metrics))
+    assert again.reused and not first.reused
+    assert (again.version, again.alias, again.fingerprint) == (first.version, "champion", first.fingerprint)
+    assert again.compared_with == "base" and again.compared_to == 1.0
+    assert _versions(name) == [1]
+
+    # any change of input -> a new version; the old one's reuse then reports it as challenger
+    _register(registry, name, lora, {"trained_mean": 3.0, "base_mean": 1.0})
+    assert _versions(name) == [1, 2] and _alias(name, "champion") == 2
+    old = _register(registry, name, lora, metrics)
+    assert old.reused and (old.version, old.alias) == (1, "challenger") and _versions(name) == [1, 2]
+
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"changed")
+    assert not _register(registry, name, lora, metrics).reused and _versions(name) == [1, 2, 3]
+
+
+def test_bad_gate_metric_raises_listing_keys(registry):
+    with pytest.raises(ValueError, match=r"gate_metric 'nope'.*\['base_mean', 'trained_mean'\]"):
+        _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0, "base_mean": 0.5},
+                  gate_metric="nope")
+    with pytest.raises(ValueError, match="base_metric 'missing'"):
+        _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0}, base_metric="missing")
+    assert _versions("bad") == []
+
+
+def test_lineage_tags_on_version_and_run(registry):
+    import mlflow
+
+    from prefdiff import tracking
+
+    head = _git(registry, "rev-parse", "HEAD")
+    lin = tracking.lineage(registry)
+    assert lin["git_sha"] == head  # only untracked files (mlflow.db, loras/) changed: not dirty
+    assert lin["dvc.train.models/lora"] == "fedcba9876543210fedcba9876543210.dir"
+    assert lin["dvc.evaluate_heldout.metrics/eval.json"] == "11112222333344445555666677778888"
+    assert tracking.dvc_lock_hashes(registry)["sample.data/trajectories"].endswith(".dir")
+
+    d = _register(registry, "lineage", _lora(registry, "lin", b"lin"), {"trained_mean": 1.0, "base_mean": 0.0})
+    mv = mlflow.MlflowClient().get_model_version("lineage", str(d.version))
+    for key, value in lin.items():
+        assert mv.tags[key] == value
+    assert mv.tags["prefdiff.fingerprint"] == d.fingerprint
+    assert mv.tags["prefdiff.gate_metric"] == "trained_mean" and float(mv.tags["prefdiff.gate_value"]) == 1.0
+
+    with tracking.stage_run("evaluate", registry, "prefdiff-test") as run:
+        tracking.log_lineage(registry)
+    got = mlflow.get_run(run.info.run_id)
+    assert got.data.tags["git_sha"] == head and got.data.tags["prefdiff.stage.evaluate"] == "done"
+    assert got.info.status == "FINISHED" and got.info.run_name == "evaluate"
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "lineage")}
+    assert names == {"lineage/dvc.lock", "lineage/params.yaml"}
+    art = Path(mlflow.get_experiment(got.info.experiment_id).artifact_location.removeprefix("file://"))
+    assert art == (registry / "mlartifacts").resolve()
+
+    # a tracked edit makes the sha dirty
+    (registry / "params.yaml").write_text("register:\n  experiment: other\n")
+    try:
+        assert tracking.git_sha(registry) == head + "-dirty"
+    finally:
+        _git(registry, "checkout", "--", "params.yaml")
+
+
+def test_stage_run_resumes_parent_run(registry, monkeypatch):
+    import mlflow
+
+    from prefdiff import tracking
+
+    tracking.ensure_experiment("prefdiff-test", registry)
+    parent = mlflow.start_run(run_name="flow")
+    mlflow.end_run()
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent.info.run_id)
+    with tracking.stage_run("sample", registry, "prefdiff-test") as run:
+        assert run.info.run_id == parent.info.run_id
+        mlflow.log_metric("x", 1.0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.stage_run("train", registry, "prefdiff-test"):
+            raise RuntimeError("boom")
+    assert os.environ["MLFLOW_RUN_ID"] == parent.info.run_id
+    got = mlflow.get_run(parent.info.run_id)
+    assert got.data.metrics["x"] == 1.0
+    assert got.data.tags["prefdiff.stage.sample"] == "done" and got.data.tags["prefdiff.stage.train"] == "failed"
+    assert mlflow.active_run() is None
+
+
+def test_tracking_uri_defaults(tmp_path, monkeypatch):
+    from prefdiff import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.artifact_root(tmp_path) == tmp_path.resolve() / "mlartifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5055")
+    assert tracking.tracking_uri(tmp_path) == "http://127.0.0.1:5055"
+    assert tracking.git_sha(tmp_path) == "unknown" and tracking.dvc_lock_hashes(tmp_path) == {}
+    assert tracking.lineage(tmp_path) == {"git_sha": "unknown", "dvc_lock_sha256": "absent",
+                                          "params_sha256": "absent"}
+
+
+def _lead_modules_present() -> bool:
+    pkg = Path(__file__).resolve().parents[1] / "prefdiff"
+    return all((pkg / p).is_file() for p in ("models/lora.py", "sampling/sampler.py", "models/loading.py"))
+
+
+@pytest.mark.skipif(not _lead_modules_present(), reason="prefdiff.models.lora / sampling.sampler not written yet")
+def test_pyfunc_end_to_end(registry):
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from prefdiff.models.loading import load_pipeline
+    from prefdiff.models.lora import adapters_disabled, add_lora, save_lora
+    from prefdiff.sampling.sampler import SamplingConfig, generate
+
+    pipe = load_pipeline("builtin:tiny-sd")
+    lora_params = add_lora(pipe.unet, rank=2, alpha=2.0)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 at init would make the LoRA a no-op; give it weights that matter
+        for p in lora_params:
+            p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    lora = registry / "loras" / "real"
+    save_lora(pipe.unet, lora)
+
+    d = _register(registry, "tiny-lora", lora, {"trained_mean": 1.0, "base_mean": 0.0})
+    assert d.alias == "champion"
+    model = mlflow.pyfunc.load_model("models:/tiny-lora@champion")
+    assert {p.name for p in model.metadata.get_params_schema().params} == {"seed", "num_inference_steps",
+                                                                           "guidance_scale", "eta"}
+    frame = pd.DataFrame({"prompt": ["a cat", "a dog"]})
+    params = {"seed": 7, "num_inference_steps": 2}
+    out = model.predict(frame, params=params)
+    assert list(out.columns) == ["prompt", "seed", "png"]
+    assert out["prompt"].tolist() == ["a cat", "a dog"] and out["seed"].tolist() == [7, 8]
+    served = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in out["png"]]
+    assert [im.shape for im in served] == [(64, 64, 3), (64, 64, 3)]
+
+    # same prompts + seed -> identical bytes
+    assert model.predict(frame, params=params)["png"].tolist() == out["png"].tolist()
+
+    # the served model is the base + this LoRA: equal to the in-process LoRA pipeline, not to the base
+    cfg = SamplingConfig(num_steps=2)
+    local = [np.asarray(im.convert("RGB")) for im in generate(pipe, ["a cat", "a dog"], [7, 8], cfg)]
+    with adapters_disabled(pipe.unet):
+        base = [np.asarray(im.convert("RGB")) for im in generate(pipe, ["a cat", "a dog"], [7, 8], cfg)]
+    for s_img, l_img, b_img in zip(served, local, base):
+        assert np.abs(s_img.astype(int) - l_img.astype(int)).max() <= 1
+        assert np.abs(s_img.astype(int) - b_img.astype(int)).mean() > 1.0
