@@ -229,6 +229,13 @@ def run_stage(stage: str, repo: str, run_id: str) -> dict[str, Any]:
     return {"stage": stage, "ran": ran, "seconds": seconds}
 
 
+def _tag_skipped(client: Any, run_id: str, stage_results: list[dict[str, Any]] | None) -> None:
+    """``prefdiff.stage.<name> = skipped`` for the stages DVC skipped (a stage that ran tagged itself)."""
+    for result in stage_results or []:
+        if not result.get("ran"):
+            client.set_tag(run_id, STAGE_TAG_PREFIX + result["stage"], "skipped")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -295,9 +302,7 @@ def log_round(repo: str, run_id: str, stage_results: list[dict[str, Any]] | None
             client.log_artifact(run_id, str(path), artifact_path=artifact_dir)
             logged.append(f"{artifact_dir}/{path.name}")
 
-    for result in stage_results or []:
-        if not result.get("ran"):
-            client.set_tag(run_id, STAGE_TAG_PREFIX + result["stage"], "skipped")
+    _tag_skipped(client, run_id, stage_results)
     decision = _read_json(paths.decision)
     for key in ("model_name", "version", "alias"):
         if key in decision:
@@ -360,7 +365,8 @@ def summarize(result: dict[str, Any], uri: str, experiment: str) -> str:
     return "\n".join(lines)
 
 
-def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException) -> None:
+def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException,
+                 stage_results: list[dict[str, Any]]) -> None:
     """Best effort: the parent run ends FAILED and names the stage (never masks the real error)."""
     try:
         import mlflow
@@ -368,8 +374,11 @@ def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException) 
         from prefdiff.tracking import tracking_uri
 
         client = mlflow.MlflowClient(tracking_uri=tracking_uri(Path(repo)))
+        _tag_skipped(client, run_id, stage_results)
         if stage:
             client.set_tag(run_id, "prefdiff.failed_stage", stage)
+            # the stage process tags itself "failed" only if it got as far as opening the run
+            client.set_tag(run_id, STAGE_TAG_PREFIX + stage, "failed")
         client.set_tag(run_id, "prefdiff.error", f"{type(err).__name__}: {err}"[:4000])
         client.set_terminated(run_id, status="FAILED")
     except Exception as exc:  # noqa: BLE001
@@ -403,7 +412,7 @@ def d3po_round(repo: str | None = None, stages: list[str] | None = None, run_nam
         current = None
         result = log_round(repo_s, run_id, results)
     except BaseException as err:
-        _mark_failed(repo_s, run_id, current, err)
+        _mark_failed(repo_s, run_id, current, err, results)
         raise
     result["stages"] = {r["stage"]: r["ran"] for r in results}
 

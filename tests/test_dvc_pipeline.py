@@ -10,7 +10,7 @@ import yaml
 from prefdiff.config import Params
 from prefdiff.paths import Paths
 
-from .conftest import REPO, git, venv_env
+from conftest import REPO, git, venv_env
 
 DVC = str(Path(sys.executable).parent / "dvc")
 STAGES = ["sample", "label", "train", "evaluate", "register"]

@@ -293,16 +293,7 @@ class TrajectoryStore:
         for shard in index["shards"]:
             _check_shard(root, index, shard, verify=verify)
         for im in index["images"]:
-            png = root / im["png"]
-            if not png.is_file():
-                raise DatasetError(f"{png}: missing (listed in {index_path}) — {_HINT}")
-            if verify:
-                actual = sha256_file(png)
-                if actual != im["png_sha256"]:
-                    raise DatasetError(
-                        f"{png}: sha256 mismatch (index says {im['png_sha256'][:12]}…, file is {actual[:12]}…);"
-                        f" the file is corrupt or was modified — {_HINT}"
-                    )
+            _check_file(root / im["png"], im["png_sha256"], index_path, verify=verify, damage="corrupt or was modified")
         return cls(root, index, sha256_bytes(raw))
 
     # -- accessors --------------------------------------------------------------------------------------
@@ -417,17 +408,22 @@ def _check_index_structure(index_path: Path, index: dict) -> None:
         raise bad(f"shards hold {expect_first} images; num_images={n}")
 
 
-def _check_shard(root: Path, index: dict, shard: dict, *, verify: bool) -> None:
-    path = root / shard["file"]
+def _check_file(path: Path, expected_sha256: str, listed_in: Path, *, verify: bool, damage: str) -> None:
+    """The file exists and (with ``verify``) has the sha256 the index recorded; DatasetError names it."""
     if not path.is_file():
-        raise DatasetError(f"{path}: missing (listed in {root / INDEX_NAME}) — {_HINT}")
+        raise DatasetError(f"{path}: missing (listed in {listed_in}) — {_HINT}")
     if verify:
         actual = sha256_file(path)
-        if actual != shard["sha256"]:
+        if actual != expected_sha256:
             raise DatasetError(
-                f"{path}: sha256 mismatch (index says {shard['sha256'][:12]}…, file is {actual[:12]}…); "
-                f"the file is corrupt or truncated — {_HINT}"
+                f"{path}: sha256 mismatch (index says {expected_sha256[:12]}…, file is {actual[:12]}…); "
+                f"the file is {damage} — {_HINT}"
             )
+
+
+def _check_shard(root: Path, index: dict, shard: dict, *, verify: bool) -> None:
+    path = root / shard["file"]
+    _check_file(path, shard["sha256"], root / INDEX_NAME, verify=verify, damage="corrupt or truncated")
     n, t = int(shard["num_images"]), int(index["num_steps"])
     expected_shapes = {
         "latents": [n, t + 1, *index["latent_shape"]],
