@@ -136,6 +136,13 @@ class TrainParams(_Section):
     snapshot_every_epochs: int = Field(1, ge=1)  # LoRA snapshots for the evaluate reward curve
     seed: int = Field(0, ge=0)
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml11_no(cls, v: Any) -> Any:
+        # accelerate's value is the string "no", which YAML 1.1 reads as False when unquoted (and
+        # `dvc exp run -S` rewrites params.yaml without the quotes): take False as "no".
+        return "no" if v is False else v
+
     @model_validator(mode="after")
     def _reference_needs_init(self) -> TrainParams:
         if self.reference == "previous_round" and not self.init_lora:

@@ -51,6 +51,10 @@ def test_yaml11_exponent_strings_are_floats_for_float_keys_only():
     assert params.train.lr == pytest.approx(3e-5)
     with pytest.raises(ParamsError, match="train.epochs"):
         parse_params({"train": {"epochs": "3e1"}})
+    # `mixed_precision: no` unquoted (as DVC writes it back) is YAML 1.1's False: it means "no"
+    assert parse_params(yaml.safe_load("train: {mixed_precision: no}")).train.mixed_precision == "no"
+    with pytest.raises(ParamsError, match="train.mixed_precision"):
+        parse_params({"train": {"mixed_precision": True}})
 
 
 def test_stage_fails_before_heavy_work_on_bad_params(tmp_path):

@@ -61,8 +61,8 @@ def test_repro_runs_five_stages_then_is_a_noop_and_exp_run_reruns_downstream(tin
 
     git(ws, "add", "-A")
     git(ws, "commit", "-q", "-m", "round 1")
-    exp = _dvc(ws, "exp", "run", "-S", "train.lr=0.02")
+    exp = _dvc(ws, "exp", "run", "-S", "train.lr=0.03")
     assert [s for s in STAGES if f"Running stage '{s}'" in exp] == ["train", "evaluate", "register"]
-    assert yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"] == 0.02
+    assert yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"] == 0.03
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == 0.02
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == 0.03
