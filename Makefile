@@ -48,5 +48,7 @@ serve: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
 
+# Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
+# metrics/ and plots/ stay: the next run rewrites them).
 clean:
-	rm -rf data models eval metrics plots registry mlflow.db mlartifacts .prefect dvc.lock
+	rm -rf data/trajectories data/preferences models/lora models/checkpoints eval mlflow.db mlartifacts .prefect

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prefdiff.profile import merged
+
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the pipeline: the code, the pipeline definition and the DVC config.
 WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "dvc.yaml", "params.yaml", "pyproject.toml")
@@ -29,13 +31,6 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def deep_update(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
@@ -49,7 +44,7 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, root / item)
-    params = deep_update(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
+    params = merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(root, "init", "-q")
     git(root, "config", "user.email", "ci@prefdiff.invalid")

@@ -87,3 +87,34 @@ def test_saved_lora_loads_with_diffusers_load_lora_weights(pipe, tmp_path):
     torch.testing.assert_close(_eps(cont), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights"):
         lora.load_lora_weights(fresh, tmp_path)
+
+
+_SAVE_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from prefdiff.models.loading import load_pipeline
+from prefdiff.models import lora
+pipe = load_pipeline("builtin:tiny-sd")
+torch.manual_seed(0)
+lora.add_lora(pipe.unet, rank=4, alpha=4)
+lora.save_lora(pipe.unet, Path(sys.argv[1]))
+"""
+
+
+def test_saved_lora_bytes_do_not_depend_on_the_process(tmp_path):
+    """Same adapter, two processes with different hash seeds: identical files (DVC and registry hashes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parents[1]
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(repo)}
+        subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, str(tmp_path / seed)], check=True, env=env,
+                       capture_output=True, timeout=300)
+    a, b = (tmp_path / s / lora.LORA_WEIGHT_NAME for s in ("1", "2"))
+    assert a.read_bytes() == b.read_bytes()
+    assert load_file(str(a)).keys() == load_file(str(b)).keys()

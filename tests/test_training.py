@@ -89,3 +89,20 @@ def test_adapters_disabled_restores_training(data):
         assert not torch.is_grad_enabled()
     assert torch.is_grad_enabled()
     assert all(p.requires_grad for n, p in pipe.unet.named_parameters() if "lora_" in n)
+
+
+def test_previous_round_reference_is_the_adapter_the_round_starts_from(data, tmp_path):
+    _train(data, tmp_path / "round1")  # round 1's adapter, the start of round 2
+    params, store, prefs = data
+
+    def first_step(reference: str):
+        train = {**OVERRIDES["train"], "init_lora": str(tmp_path / "round1" / "lora"), "reference": reference}
+        p = parse_params({**OVERRIDES, "train": train})
+        out = tmp_path / reference
+        return train_d3po(p, store, prefs, lora_out=out / "lora", checkpoint_dir=out / "ckpt",
+                          progress=lambda _: None, stop_after_steps=1).curve[0]
+
+    # before the first update the policy IS the start adapter: log-ratio 0 against previous_round ...
+    assert abs(first_step("previous_round")["mean_log_ratio"]) < 1e-5
+    # ... but not against the base, which round 1 already moved away from
+    assert abs(first_step("base")["mean_log_ratio"]) > 1e-3

@@ -103,8 +103,27 @@ def save_lora(unet, out_dir: Path) -> Path:
     StableDiffusionPipeline.save_lora_weights(
         str(out_dir), unet_lora_layers=layers, weight_name=LORA_WEIGHT_NAME, unet_lora_adapter_metadata=metadata
     )
+    canonicalize_safetensors(out_dir / LORA_WEIGHT_NAME)
     (out_dir / "lora_info.json").write_text(json.dumps({**metadata, "format": "diffusers"}, indent=2))
     return out_dir / LORA_WEIGHT_NAME
+
+
+def canonicalize_safetensors(path: Path) -> None:
+    """Rewrite a safetensors header as sorted JSON so equal tensors give equal bytes in every process.
+
+    The header's metadata entries come out in a per-process hash order, so the same adapter saved
+    twice had different bytes: DVC then saw a changed output and the registry a new fingerprint.
+    Format: u64 little-endian header length, JSON header (padded with spaces to 8 bytes), data; data
+    offsets are relative to the end of the header, so only the header is rewritten.
+    """
+    raw = Path(path).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = Path(path).with_name(Path(path).name + ".canonical")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    tmp.replace(path)
 
 
 def load_lora_weights(pipe, lora_dir: Path) -> None:

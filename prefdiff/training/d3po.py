@@ -26,13 +26,14 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from prefdiff.config import Params
-from prefdiff.data.atomic import atomic_dir, atomic_write_json
+from prefdiff.data.atomic import atomic_dir
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.models import lora
@@ -151,9 +152,7 @@ def train_d3po(
     optimizer_steps_per_epoch = math.ceil(batches_per_epoch / micro_per_step)
     total_steps = optimizer_steps_per_epoch * tp.epochs
 
-    accelerator = Accelerator(
-        mixed_precision=tp.mixed_precision, gradient_accumulation_steps=micro_per_step * steps_per_pair
-    )
+    accelerator = Accelerator(mixed_precision=tp.mixed_precision)
     pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=str(accelerator.device),
                          revision=params.model.revision)
     pipe.scheduler.set_timesteps(steps_total, device=accelerator.device)
@@ -180,8 +179,8 @@ def train_d3po(
     chain, _ = trajectories.load(image_ids)  # [N, T+1, C, H, W]
     prompts = [trajectories.prompt_of(i) for i in image_ids]
     unique_prompts = sorted(set(prompts))
-    prompt_embeds = encode_prompts(pipe, unique_prompts)
-    embeds = prompt_embeds[torch.tensor([unique_prompts.index(p) for p in prompts])].cpu()  # [N, L, D]
+    position = {p: i for i, p in enumerate(unique_prompts)}
+    embeds = encode_prompts(pipe, unique_prompts)[torch.tensor([position[p] for p in prompts])].cpu()  # [N, L, D]
     uncond = encode_prompts(pipe, [""])  # [1, L, D]
     winners = torch.tensor([row_of[p.winner] for p in pairs])
     losers = torch.tensor([row_of[p.loser] for p in pairs])
@@ -199,10 +198,9 @@ def train_d3po(
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         reference = "base UNet (adapters disabled)" if tp.reference == "base" else f"start adapter {tp.init_lora}"
         progress(f"reference log-probs for {len(image_ids)} images x {steps_total} steps from the {reference}")
-        if tp.reference == "base":
-            with lora.adapters_disabled(raw_unet):
-                ref_logp = reference_log_probs(pipe, chain, timesteps, embeds, uncond, sp, eta=sp.eta, batch_size=64)
-        else:  # previous_round: the adapter the round starts from, frozen = its values right now
+        # previous_round: the adapter the round starts from, i.e. its values right now, before any update
+        frozen = lora.adapters_disabled(raw_unet) if tp.reference == "base" else nullcontext()
+        with frozen:
             ref_logp = reference_log_probs(pipe, chain, timesteps, embeds, uncond, sp, eta=sp.eta, batch_size=64)
         curve, start_step = [], 0
 
@@ -219,33 +217,36 @@ def train_d3po(
             if step <= start_step:
                 continue
             sums = {"loss": 0.0, "implicit_acc": 0.0, "clip_frac": 0.0, "mean_log_ratio": 0.0}
+            first = opt_index * micro_per_step
+            batch_ids = range(first, min(first + micro_per_step, batches_per_epoch))
+            # Every (micro-batch, timestep) gets its own backward of loss / (number of backwards in this
+            # optimizer step), as the official loop's accumulation over T x grad_accum; an epoch's last
+            # step may hold fewer micro-batches. Gradients are all-reduced only on the last backward.
+            backwards = len(batch_ids) * steps_per_pair
             count = 0
-            for micro in range(micro_per_step):
-                b_index = opt_index * micro_per_step + micro
-                if b_index >= batches_per_epoch:
-                    break
+            for b_index in batch_ids:
                 rows = order[b_index * tp.batch_size : (b_index + 1) * tp.batch_size]
                 w, l = winners[rows], losers[rows]
-                perms = _timestep_perms(len(rows), steps_total, tp.seed, epoch, b_index)[:, :steps_per_pair]
+                b = len(rows)
+                perms = _timestep_perms(b, steps_total, tp.seed, epoch, b_index)[:, :steps_per_pair]
                 for j in range(steps_per_pair):
                     idx = perms[:, j]  # [b] step index per pair, shared by winner and loser
-                    with accelerator.accumulate(unet):
+                    count += 1
+                    sync = nullcontext() if count == backwards else accelerator.no_sync(unet)
+                    with sync:
                         # winners and losers, both guidance branches: one UNet call of 4b inputs
                         logp = step_log_probs(unet, pipe.scheduler, chain, timesteps, embeds, uncond,
                                               torch.cat([w, l]), torch.cat([idx, idx]), guidance=sp.guidance_scale,
                                               eta=sp.eta)
-                        b = len(rows)
                         policy = torch.stack([logp[:b], logp[b:]], dim=1)  # [b, 2] (winner, loser)
                         ref = torch.stack([ref_logp[w, idx], ref_logp[l, idx]], dim=1).to(device)
                         out = d3po_loss(policy, ref, torch.ones(b, device=device), beta=tp.beta, clip_eps=tp.clip_eps)
-                        accelerator.backward(out.loss)
-                        if accelerator.sync_gradients:
-                            accelerator.clip_grad_norm_(lora_params, tp.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        accelerator.backward(out.loss / backwards)
                     for key in sums:
                         sums[key] += float(getattr(out, key).detach())
-                    count += 1
+            accelerator.clip_grad_norm_(lora_params, tp.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             row = {"step": step, "epoch": epoch + 1, **{k: v / count for k, v in sums.items()}, "lr": tp.lr}
             curve.append(row)
             if log_metrics is not None:
@@ -281,4 +282,4 @@ def _summary(curve, step, epochs, pairs, steps_per_pair, start_step, began) -> T
                         resumed_from_step=start_step, seconds=time.time() - began, final=final, curve=curve)
 
 
-__all__ = ["TrainSummary", "train_d3po", "reference_log_probs", "inputs_fingerprint", "CURVE_FIELDS", "asdict"]
+__all__ = ["CURVE_FIELDS", "TrainSummary", "inputs_fingerprint", "reference_log_probs", "step_log_probs", "train_d3po"]
