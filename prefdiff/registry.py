@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from prefdiff import tracking
+from prefdiff.data.atomic import sha256_file
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -55,14 +56,6 @@ class Decision:
         return asdict(self)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(lora_dir: Path, eval_metrics: dict, model_config: dict, model_name: str) -> str:
     """sha256 over: each file of ``lora_dir`` (relative path + sha256, sorted by path), then
     ``json(eval_metrics)``, ``json(model_config)`` (sorted keys) and ``model_name``."""
@@ -75,7 +68,7 @@ def fingerprint(lora_dir: Path, eval_metrics: dict, model_config: dict, model_na
     h = hashlib.sha256()
     for path in files:
         rel = path.relative_to(lora_dir).as_posix()
-        h.update(f"file {rel} {_sha256_file(path)}\n".encode())
+        h.update(f"file {rel} {sha256_file(path)}\n".encode())
     h.update(b"metrics " + json.dumps(eval_metrics, sort_keys=True, default=str).encode() + b"\n")
     h.update(b"config " + json.dumps(model_config, sort_keys=True, default=str).encode() + b"\n")
     h.update(b"name " + model_name.encode())

@@ -13,7 +13,6 @@ mlflow is imported inside the functions: importing it costs ~3.5 s and flows imp
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import subprocess
@@ -21,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from prefdiff.data.atomic import sha256_file
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 RUN_ID_ENV = "MLFLOW_RUN_ID"
@@ -179,14 +180,8 @@ def git_sha(root: Path) -> str:
     return sha
 
 
-def _sha256_file(path: Path) -> str:
-    if not path.is_file():
-        return ABSENT
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256_or_absent(path: Path) -> str:
+    return sha256_file(path) if path.is_file() else ABSENT
 
 
 def dvc_lock_hashes(root: Path) -> dict[str, str]:
@@ -226,8 +221,8 @@ def lineage(root: Path) -> dict[str, str]:
     root = _root_of(root)
     out = {
         "git_sha": git_sha(root),
-        "dvc_lock_sha256": _sha256_file(root / "dvc.lock"),
-        "params_sha256": _sha256_file(root / "params.yaml"),
+        "dvc_lock_sha256": _sha256_or_absent(root / "dvc.lock"),
+        "params_sha256": _sha256_or_absent(root / "params.yaml"),
     }
     for key, md5 in sorted(dvc_lock_hashes(root).items()):
         out[_tag_key(f"dvc.{key}")] = md5
