@@ -1,5 +1,6 @@
 # make run   - the whole round (sample -> label -> train -> evaluate -> register) on the offline default,
 #              as a Prefect flow on Prefect's embedded server, each task a `dvc repro` stage, tracked in MLflow
+# make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data; one table
 # make test  - the test suite
 # Both create or update the virtual environment .venv first, from the pinned requirements.lock.
 
@@ -17,7 +18,7 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install repro serve mlflow-ui clean
+.PHONY: run test install repro compare serve mlflow-ui clean
 
 install: $(STAMP)
 
@@ -41,6 +42,11 @@ test: $(STAMP)
 repro: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
+# Every method of compare.methods on the same labeled data, evaluated against the base with the same
+# prompts and seeds: reports/comparison.md, and child MLflow runs side by side (flows/compare.py).
+compare: $(STAMP)
+	$(PY) -m flows.compare
+
 # A long-lived process that runs the round on its cron schedule (flows/deploy.py).
 serve: $(STAMP)
 	$(PY) -m flows.deploy
@@ -51,4 +57,4 @@ mlflow-ui: $(STAMP)
 # Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
 # metrics/ and plots/ stay: the next run rewrites them).
 clean:
-	rm -rf data/trajectories data/preferences models/lora models/checkpoints eval mlflow.db mlartifacts .prefect
+	rm -rf data/trajectories data/preferences models/lora models/checkpoints eval comparisons mlflow.db mlartifacts .prefect

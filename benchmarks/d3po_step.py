@@ -79,9 +79,9 @@ def official_step(pipe, ref_unet, params, chain, embeds, uncond, optimizer, pair
     def logp(unet, row, j):
         x = chain[row : row + 1, j].to(device)
         t = timesteps[j : j + 1]
-        cond = embeds[row : row + 1].to(device, dtype)
-        eps_u = unet(x.to(dtype), t, encoder_hidden_states=uncond.to(device, dtype)).sample.float()
-        eps_c = unet(x.to(dtype), t, encoder_hidden_states=cond).sample.float()
+        cond = embeds[row : row + 1].to(device)
+        eps_u = unet(x.to(dtype), t, **uncond.to(device).unet_kwargs(dtype)).sample.float()
+        eps_c = unet(x.to(dtype), t, **cond.unet_kwargs(dtype)).sample.float()
         eps = eps_u + 5.0 * (eps_c - eps_u)
         nxt = chain[row : row + 1, j + 1].to(device)
         return ddim_step_with_logprob(sched, eps, t, x, eta=1.0, prev_sample=nxt).log_prob

@@ -43,7 +43,8 @@ TAIL_LINES = 40
 # Per-step training curves the train stage logs as train/<k> at every step; their values in
 # metrics/train.json are final-epoch means, logged as train/final_<k> (the stage's own names) so
 # they never add a stray point to a loss curve.
-TRAIN_CURVE_KEYS = frozenset({"loss", "implicit_acc", "clip_frac", "mean_log_ratio"})
+TRAIN_CURVE_KEYS = frozenset({"loss", "implicit_acc", "clip_frac", "mean_log_ratio", "model_mse", "ref_mse", "margin",
+                              "approx_kl", "winner_weight"})
 FLOW_RUN_TAG = "prefect.flow_run_id"
 FLOW_RUN_NAME_TAG = "prefect.flow_run_name"
 STAGE_TAG_PREFIX = "prefdiff.stage."  # = prefdiff.tracking.STAGE_TAG_PREFIX (not imported: keep this cheap)
@@ -255,8 +256,9 @@ def file_metrics(paths: Paths) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in _numeric(_read_json(paths.train_metrics)).items():
         out[f"train/final_{key}" if key in TRAIN_CURVE_KEYS else f"train/{key}"] = value
-    for key, value in _numeric(_read_json(paths.eval_metrics)).items():
-        out[f"eval/{key}"] = value
+    from evaluation.evaluate import flat_metrics
+
+    out |= flat_metrics(_read_json(paths.eval_metrics), "eval/")  # the names the evaluate stage logs
     decision = _read_json(paths.decision)
     if "version" in decision:
         out["register/version"] = float(decision["version"])

@@ -96,9 +96,27 @@ class SampleParams(_Section):
         return _check_prompt_set(v)
 
 
+class PickapicImportParams(_Section):
+    """Reading Pick-a-Pic-style parquet pairs (``label.source: pickapic``), transforms as the official code."""
+
+    path: str = "data/imports"  # a .parquet file or a directory of them (columns jpg_0, jpg_1, label_0, caption)
+    resolution: int = Field(64, ge=8, le=4096)  # shortest side resized to this, then cropped square
+    crop: Literal["center", "random"] = "center"
+    hflip: Literal["none", "per_image", "joint"] = "none"  # per_image: official; joint: diffusers SDXL
+    seed: int = Field(0, ge=0)  # random crop / flip draws are a pure function of (seed, row)
+    max_pairs: int | None = Field(None, ge=1)  # stop after this many decided pairs (None: all)
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: count rejected rows in the dataset index
+
+
 class LabelParams(_Section):
+    # judge: rank our own sampled groups with an automatic judge; pickapic: import parquet pairs instead
+    source: Literal["judge", "pickapic"] = "judge"
+    # Any scorer of evaluation/scorers can judge (jpeg_*, pickscore, image_reward, laion_aesthetic,
+    # clip_score, hpsv2.1, ...): groups are ranked by it, as the Diffusion-DPO AI-feedback experiments do.
     judge: str = "jpeg_compressibility"
+    judge_args: dict[str, Any] = Field(default_factory=dict)  # the scorer's sources/device/dtype/batch_size
     jpeg_quality: int = Field(95, ge=1, le=95)
+    pickapic: PickapicImportParams = PickapicImportParams()
 
     @field_validator("judge")
     @classmethod
@@ -110,8 +128,17 @@ class LabelParams(_Section):
         return v
 
 
+TRAIN_METHODS = ("d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo")
+# Methods that learn from the sampled trajectories (per-step log-probs) rather than from final images.
+TRAJECTORY_METHODS = ("d3po", "ddpo")
+
+
 class TrainParams(_Section):
-    method: Literal["d3po"] = "d3po"
+    # d3po: D3PO Eq. 14 on trajectories; diffusion_dpo: Diffusion-DPO Eq. 14 on final images; sft: denoising
+    # loss on preferred images only; reward_weighted: denoising loss weighted by the judge's score; ddpo:
+    # PPO-clipped policy gradient on the sampling-time log-probs with per-prompt advantages.
+    method: Literal["d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo"] = "d3po"
+    finetune: Literal["lora", "full"] = "lora"  # full: every UNet weight trains (reference = a frozen copy)
     # AdamW (paper Table 2: lr 3e-5, betas 0.9/0.999, weight decay 1e-4, eps 1e-8).
     lr: float = Field(3e-5, gt=0.0, le=1.0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -132,6 +159,22 @@ class TrainParams(_Section):
     reference: Literal["base", "previous_round"] = "base"
     init_lora: str | None = None  # a diffusers-format LoRA dir to start from
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # Diffusion-DPO (Wallace et al. Eq. 14). dpo_beta is read in the OFFICIAL convention
+    # z = -(beta/2)[(m_w - m_l) - (r_w - r_l)] (SalesforceAIResearch/DiffusionDPO, paper beta = 5000);
+    # dpo_beta_convention: diffusers takes the value as diffusers' SD1.5 script's beta (no 1/2: official =
+    # 2 x diffusers, so diffusers' 2500 is our 5000).
+    dpo_beta: float = Field(5000.0, gt=0.0)
+    dpo_beta_convention: Literal["official", "diffusers"] = "official"
+    empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)  # per pair, both halves get "" (official: 0.2)
+    # reward_weighted: weights = batch * softmax(score / temperature) (non-negative, mean 1)
+    reward_temperature: float = Field(1.0, gt=0.0)
+    # ddpo: PPO ratio clip and advantage clip (DDPO defaults 1e-4 and 5)
+    ddpo_clip_range: float = Field(1e-4, gt=0.0, lt=1.0)
+    ddpo_adv_clip_max: float = Field(5.0, gt=0.0)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
+    scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
+    lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
     snapshot_every_epochs: int = Field(1, ge=1)  # LoRA snapshots for the evaluate reward curve
     seed: int = Field(0, ge=0)
@@ -147,19 +190,45 @@ class TrainParams(_Section):
     def _reference_needs_init(self) -> TrainParams:
         if self.reference == "previous_round" and not self.init_lora:
             raise ValueError("train.reference = 'previous_round' needs train.init_lora (the round's start LoRA)")
+        if self.finetune == "full" and self.init_lora:
+            raise ValueError("train.init_lora starts a LoRA; with train.finetune = 'full' set it to null")
         return self
+
+    @property
+    def official_dpo_beta(self) -> float:
+        """dpo_beta in the official convention (the one the loss is written in)."""
+        return self.dpo_beta * (2.0 if self.dpo_beta_convention == "diffusers" else 1.0)
+
+    @property
+    def uses_trajectories(self) -> bool:
+        return self.method in TRAJECTORY_METHODS
 
 
 class EvaluateParams(_Section):
+    # Named prompt set (prefdiff/prompts.py): animals_heldout, animals45, d3po_unsafe, d3po_hand; from local
+    # files when present: partiprompts, hpsv2_benchmark, pickapic_validation; or file:<path>.
     prompt_set: str = "animals_heldout"
     num_prompts: int | None = Field(None, ge=1)  # first N prompts of the set (None: all)
     seeds_per_prompt: int = Field(4, ge=1)
     seed: int = Field(1000, ge=0)  # seed of (prompt i, image j) = seed + i * seeds_per_prompt + j
-    judge: str | None = None  # None: the label stage's judge
+    judge: str | None = None  # the primary scorer (gate, reward curve); None: the label stage's judge
+    # More scorers reported side by side (evaluation/scorers registry names); those whose weights are not
+    # on this machine are skipped and listed with the reason in metrics and the report.
+    scorers: list[str] = Field(default_factory=list)
+    scorer_args: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per scorer: sources, device, dtype...
+    baseline: Literal["base", "champion"] = "base"  # compare against the base or the registry's champion
     tie_margin: float = Field(0.0, ge=0.0)
+    bootstrap_samples: int = Field(2000, ge=100)  # prompt-clustered bootstrap resamples for win-rate CIs
     batch_size: int = Field(16, ge=1)
     grid_columns: int = Field(8, ge=1, le=64)
     reward_curve: bool = True  # also score every epoch snapshot (the DVC reward-curve plot)
+    # Implicit reward accuracy on held-out pairs: sampled by the base on the evaluation prompts (fresh seeds)
+    # and ranked by the primary scorer; or a preference dataset dir (e.g. an imported Pick-a-Pic test split).
+    implicit_accuracy: bool = True
+    implicit_groups_per_prompt: int = Field(2, ge=1)
+    implicit_draws: int = Field(4, ge=1)  # (t, eps) draws per pair for the Diffusion-DPO estimate
+    implicit_pairs: str | None = None
+    report: bool = True  # eval/report.html: metric table, intervals, image pairs (self-contained)
 
     @field_validator("prompt_set")
     @classmethod
@@ -171,6 +240,15 @@ class EvaluateParams(_Section):
     def _judge(cls, v: str | None) -> str | None:
         return None if v is None else LabelParams._judge(v)
 
+    @field_validator("scorers")
+    @classmethod
+    def _scorers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            LabelParams._judge(name)
+        if len(set(v)) != len(v):
+            raise ValueError(f"scorers {v} lists a name twice")
+        return v
+
 
 class RegisterParams(_Section):
     experiment: str = Field("prefdiff", min_length=1)
@@ -178,6 +256,26 @@ class RegisterParams(_Section):
     gate_metric: str = "trained_mean_reward"
     base_metric: str | None = "base_mean_reward"
     min_improvement: float = 0.0
+
+
+class CompareParams(_Section):
+    """``make compare`` / the ``compare-methods`` flow: several methods on the same labeled data."""
+
+    methods: list[Literal["d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo"]] = Field(
+        default_factory=lambda: ["d3po", "diffusion_dpo", "sft", "reward_weighted"], min_length=1)
+    # Per-method train keys layered over the train section (each method has its own scale of lr/beta).
+    overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> CompareParams:
+        unknown = sorted(set(self.overrides) - set(TRAIN_METHODS))
+        if unknown:
+            raise ValueError(f"overrides for unknown methods {unknown}; allowed: {', '.join(TRAIN_METHODS)}")
+        for method, keys in self.overrides.items():
+            bad = sorted(set(keys) - set(TrainParams.model_fields) | ({"method"} & set(keys)))
+            if bad:
+                raise ValueError(f"overrides.{method}: keys {bad} are not train keys (method is set by the list)")
+        return self
 
 
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -192,18 +290,36 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
+    compare: CompareParams = CompareParams()
 
     @property
     def eval_judge(self) -> str:
         return self.evaluate.judge or self.label.judge
 
+    @model_validator(mode="after")
+    def _compare_overrides_valid(self) -> Params:
+        for method in self.compare.overrides:  # fail at load time, not after an hour of training
+            train = {**self.train.model_dump(), **self.compare.overrides[method], "method": method}
+            try:
+                TrainParams.model_validate(train)
+            except ValidationError as err:
+                raise ValueError(_format_errors(err, f"compare.overrides.{method} over train")) from None
+        return self
+
+    def for_method(self, method: str) -> Params:
+        """These params with ``train.method = method`` and ``compare.overrides[method]`` applied (validated)."""
+        train = {**self.train.model_dump(), **self.compare.overrides.get(method, {}), "method": method}
+        try:
+            return self.model_copy(update={"train": TrainParams.model_validate(train)})
+        except ValidationError as err:
+            raise ParamsError(_format_errors(err, f"compare.overrides.{method} over train")) from None
+
 
 def _check_prompt_set(name: str) -> str:
-    from prefdiff.prompts import prompt_set_names
+    # built-in lists, file-backed sets (partiprompts, ...) and file:<path>; files are checked when read
+    from prefdiff.prompts import check_prompt_set_name
 
-    if name not in prompt_set_names():
-        raise ValueError(f"unknown prompt set {name!r}; allowed: {', '.join(prompt_set_names())}")
-    return name
+    return check_prompt_set_name(name)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -211,9 +327,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            section = e["loc"][0] if len(e["loc"]) > 1 else None
-            model = Params.model_fields[section].annotation if section in Params.model_fields else Params
-            allowed = ", ".join(model.model_fields)  # type: ignore[union-attr]
+            model: Any = Params  # walk to the (possibly nested) section that holds the unknown key
+            for part in e["loc"][:-1]:
+                field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+                model = field.annotation if field is not None else model
+            allowed = ", ".join(model.model_fields)
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
             continue
         msg = e["msg"].removeprefix("Value error, ")

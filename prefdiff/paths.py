@@ -62,6 +62,10 @@ class Paths:
         return self.root / "plots" / "win_rate.csv"
 
     @property
+    def scorers_plot(self) -> Path:
+        return self.root / "plots" / "scorers.csv"
+
+    @property
     def decision(self) -> Path:
         return self.root / "registry" / "decision.json"
 

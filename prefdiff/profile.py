@@ -42,6 +42,9 @@ def set_args(overrides: dict, prefix: str = "") -> list[str]:
     for key, value in overrides.items():
         if isinstance(value, dict):
             args += set_args(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            # YAML flow list without spaces, so `$(python -m prefdiff.profile x)` word-splits correctly
+            args += ["-S", f"{prefix}{key}=[{','.join(str(v) for v in value)}]"]
         else:
             text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
             args += ["-S", f"{prefix}{key}={text}"]

@@ -131,6 +131,30 @@ def _champion(client, model_name: str):
         return None
 
 
+def champion_weights(model_name: str, root: Path, dest: Path) -> tuple[str, Path] | None:
+    """The current champion's trained weights (LoRA or full UNet dir) downloaded under ``dest``, with its
+    version; None when the model has no champion yet (then the base is the baseline)."""
+    import mlflow
+
+    from prefdiff.models.finetuned import is_full_unet
+    from prefdiff.models.lora import LORA_WEIGHT_NAME
+    from prefdiff.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = mlflow.MlflowClient()
+    champ = _champion(client, model_name)
+    if champ is None:
+        return None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}@{CHAMPION}",
+                                                     dst_path=str(dest)))
+    found = [p.parent for p in local.rglob(LORA_WEIGHT_NAME)] + [p.parent.parent for p in local.rglob("config.json")
+                                                                 if p.parent.name == "unet" and is_full_unet(p.parent.parent)]
+    found = [p for p in found if "snapshots" not in p.parts]
+    if not found:
+        raise FileNotFoundError(f"{model_name} champion v{champ.version}: no LoRA or UNet weights in its artifacts at {local}")
+    return str(champ.version), found[0]
+
+
 def _optional_float(text: str | None) -> float | None:
     return None if text in (None, "", "None") else float(text)
 

@@ -1,8 +1,9 @@
-"""Stage ``train``: D3PO on the labeled trajectories; a LoRA in the diffusers format.
+"""Stage ``train``: the method ``train.method`` names (D3PO, Diffusion-DPO, SFT, reward-weighted, DDPO).
 
 Reads params ``model``, ``sampling``, ``train``; reads ``data/trajectories`` and ``data/preferences``;
-writes ``models/lora`` (final adapter + epoch snapshots), ``metrics/train.json``, ``plots/train.csv``;
-keeps resumable checkpoints in ``models/checkpoints`` (persistent: an interrupted run resumes).
+writes ``models/lora`` (final LoRA, or the full UNet under ``unet/``, plus epoch snapshots),
+``metrics/train.json``, ``plots/train.csv``; keeps resumable checkpoints in ``models/checkpoints``
+(persistent: an interrupted run resumes).
 """
 
 from __future__ import annotations
@@ -14,19 +15,16 @@ def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
-    from prefdiff.data.preferences import PreferenceStore
-    from prefdiff.data.trajectories import TrajectoryStore
-    from prefdiff.training.d3po import CURVE_FIELDS, train_d3po
+    from prefdiff.training.run import train_method
 
     with tracked("train", params, paths, ("train",)) as log_metrics:
-        trajectories = TrajectoryStore.open(paths.trajectories)
-        preferences = PreferenceStore.open(paths.preferences)
-        preferences.check_trajectories(trajectories)
-        summary = train_d3po(params, trajectories, preferences, lora_out=paths.lora,
-                             checkpoint_dir=paths.checkpoints, log_metrics=log_metrics, progress=say)
+        summary = train_method(params, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
+                               lora_out=paths.lora, checkpoint_dir=paths.checkpoints, log_metrics=log_metrics,
+                               progress=say)
         paths.train_plot.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.parent.mkdir(parents=True, exist_ok=True)
-        lines = [",".join(CURVE_FIELDS)] + [",".join(str(row[k]) for k in CURVE_FIELDS) for row in summary.curve]
+        fields = list(summary.curve[0]) if summary.curve else ["step"]
+        lines = [",".join(fields)] + [",".join(str(row.get(k, "")) for k in fields) for row in summary.curve]
         atomic_write_text(paths.train_plot, "\n".join(lines) + "\n")
         atomic_write_json(paths.train_metrics, summary.metrics())
         log_metrics({f"train/final_{k}": v for k, v in summary.final.items()})

@@ -15,14 +15,14 @@ from prefdiff.profile import merged
 
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the pipeline: the code, the pipeline definition and the DVC config.
-WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "dvc.yaml", "params.yaml", "pyproject.toml")
+WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "data/imports", "dvc.yaml", "params.yaml", "pyproject.toml")
 
 # Small enough that the five stages take seconds each on 2 CPU cores (imports dominate).
 TINY_OVERRIDES = {
     "sample": {"num_prompts": 4, "images_per_group": 2, "groups_per_prompt": 1, "batch_size": 8},
     "sampling": {"num_steps": 4},
     "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1},
-    "evaluate": {"num_prompts": 2, "seeds_per_prompt": 2, "batch_size": 4, "grid_columns": 4},
+    "evaluate": {"num_prompts": 2, "seeds_per_prompt": 2, "batch_size": 4, "grid_columns": 4, "implicit_groups_per_prompt": 1},
 }
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -74,3 +74,40 @@ def test_missing_or_broken_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "bad.yaml")
+
+
+def test_params_yaml_lists_every_key():
+    """Every key of every section is written (and commented) in params.yaml, so DVC can track it."""
+    from pathlib import Path
+
+    import yaml
+
+    from prefdiff.config import Params
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    for section, field in Params.model_fields.items():
+        assert set(data[section]) == set(field.annotation.model_fields), section
+    assert set(data["label"]["pickapic"]) == set(Params.model_fields["label"].annotation.model_fields["pickapic"]
+                                                 .annotation.model_fields)
+
+
+@pytest.mark.parametrize("name,optimizer", [("sd15_dpo", "adamw"), ("sdxl_dpo", "adafactor")])
+def test_diffusion_dpo_profiles_are_paper_faithful(name, optimizer, capsys):
+    from pathlib import Path
+
+    import yaml
+
+    from prefdiff.profile import load_profile, main, merged
+    from prefdiff.training.setup import effective_lr
+
+    repo = Path(__file__).resolve().parents[1]
+    params = parse_params(merged(yaml.safe_load((repo / "params.yaml").read_text()), load_profile(name)))
+    tp = params.train
+    assert tp.method == "diffusion_dpo" and tp.official_dpo_beta == 5000.0 and tp.finetune == "full"
+    assert effective_lr(tp, num_processes=1) == pytest.approx(2.048e-5)  # 1e-8 x 2048 pairs per step
+    assert tp.lr_warmup_fraction == 0.25 and tp.optimizer == optimizer and tp.empty_prompt_prob == 0.2
+    assert params.label.source == "pickapic"
+    assert main([name, "--params", str(repo / "params.yaml")]) == 0
+    args = capsys.readouterr().out.split()  # word-splits as `$(python -m prefdiff.profile ...)` does
+    values = dict(a.split("=", 1) for a in args if a != "-S")
+    assert yaml.safe_load(values["evaluate.scorers"]) == params.evaluate.scorers

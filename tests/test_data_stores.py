@@ -274,3 +274,66 @@ def test_preference_missing_key_and_wrong_trajectories(store_dir: Path, tmp_path
     write_store(store_dir, g=2)
     with pytest.raises(DatasetError, match="labeled against trajectories index"):
         prefs.check_trajectories(TrajectoryStore.open(store_dir))
+
+
+# -- preference store: source kinds, schema 1 compatibility, image pairs over trajectories ------------------------
+def test_preference_index_records_trajectory_source(store_dir: Path, tmp_path: Path) -> None:
+    traj = TrajectoryStore.open(store_dir)
+    out = tmp_path / "prefs"
+    write_preferences(out, sample_pairs(), judge=JUDGE, trajectories=traj)
+    idx = json.loads((out / "index.json").read_text())
+    assert idx["schema_version"] == 2 and idx["source"] == {"kind": "trajectories"}
+    assert PreferenceStore.open(out).source_kind == "trajectories"
+
+
+def test_preference_schema_1_still_reads(store_dir: Path, tmp_path: Path) -> None:
+    traj = TrajectoryStore.open(store_dir)
+    out = tmp_path / "prefs"
+    write_preferences(out, sample_pairs(), judge=JUDGE, trajectories=traj)
+    idx = json.loads((out / "index.json").read_text())
+    del idx["source"]
+    idx["schema_version"] = 1  # exactly what prefdiff wrote before imported datasets existed
+    (out / "index.json").write_text(json.dumps(idx))
+    p = PreferenceStore.open(out)
+    assert p.source_kind == "trajectories" and p.pairs == sample_pairs()
+    assert p.training_pairs() == [sample_pairs()[0], sample_pairs()[2]]
+    p.check_trajectories(traj)
+    assert len(p.image_pairs(traj)) == 2
+    # version 2 requires the source key; unknown kinds are refused
+    idx["schema_version"] = 2
+    (out / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DatasetError, match=r"index\.json: missing key 'source'"):
+        PreferenceStore.open(out)
+    idx["source"] = {"kind": "videos"}
+    (out / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DatasetError, match=r"source\.kind must be one of \['trajectories', 'images'\]"):
+        PreferenceStore.open(out)
+    idx["schema_version"] = 3
+    (out / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DatasetError, match="schema_version 3 found, supported: 1, 2"):
+        PreferenceStore.open(out)
+
+
+def test_trajectory_backed_image_pairs(store_dir: Path, tmp_path: Path) -> None:
+    traj = TrajectoryStore.open(store_dir)
+    out = tmp_path / "prefs"
+    write_preferences(out, sample_pairs(), judge=JUDGE, trajectories=traj)
+    prefs = PreferenceStore.open(out)
+    with pytest.raises(DatasetError, match=r"refer to the images of a trajectory store .*pass it"):
+        prefs.image_pairs()
+    pairs = prefs.image_pairs(traj)  # the tie (0, 2) is excluded; winner first
+    assert [(p.prompt, p.winner_score, p.loser_score) for p in pairs] == [("cat", -1.25, -1.5), ("dog", -0.5, -2.0)]
+    assert [(p.winner_image, p.loser_image) for p in pairs] == [
+        (traj.png_path(1).resolve(), traj.png_path(0).resolve()),
+        (traj.png_path(3).resolve(), traj.png_path(4).resolve()),
+    ]
+    assert all(p.winner_image.is_absolute() and p.winner_meta is None and p.loser_meta is None for p in pairs)
+    # a PNG modified after the trajectory store was opened is caught by name
+    Image.new("RGB", (8, 8)).save(store_dir / "images" / "00004.png")
+    with pytest.raises(DatasetError, match=r"images/00004\.png: sha256 mismatch .*re-run the sample stage"):
+        prefs.image_pairs(traj)
+    assert len(prefs.image_pairs(traj, verify=False)) == 2
+    # pairs labeled against another sample run are refused here too
+    write_store(store_dir, g=2)
+    with pytest.raises(DatasetError, match="labeled against trajectories index"):
+        prefs.image_pairs(TrajectoryStore.open(store_dir))

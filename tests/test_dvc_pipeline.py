@@ -33,12 +33,13 @@ def test_dvc_yaml_matches_paths_params_and_code():
     for stage in spec.values():
         for dep in stage["deps"]:  # code deps exist in the repo; data deps are upstream outputs
             assert dep in declared or (REPO / dep).exists(), dep
-        for key in stage["params"]:
-            section, name = key.split(".")
-            assert name in Params.model_fields[section].annotation.model_fields, key
+        for key in stage["params"]:  # a whole section, or section.key
+            section, _, name = key.partition(".")
+            assert section in Params.model_fields, key
+            assert not name or name in Params.model_fields[section].annotation.model_fields, key
     expected = {paths.trajectories, paths.preferences, paths.lora, paths.checkpoints, paths.eval_dir,
                 paths.train_metrics, paths.eval_metrics, paths.train_plot, paths.reward_curve_plot,
-                paths.winrate_plot, paths.decision}
+                paths.winrate_plot, paths.scorers_plot, paths.decision}
     assert {Path(p) for p in declared} == expected
     for name, stage in spec.items():
         assert stage["cmd"] == f"python -m stages.{name}"
@@ -54,6 +55,11 @@ def test_repro_runs_five_stages_then_is_a_noop_and_exp_run_reruns_downstream(tin
         assert (ws / path).is_file(), path
     metrics = json.loads((ws / "metrics/eval.json").read_text())
     assert {"win_rate", "win_rate_low", "win_rate_high", "base_mean_reward", "trained_mean_reward"} <= set(metrics)
+    judge = metrics["judge"]
+    assert metrics["baseline"] == "base" and set(metrics["scorers"]) == {judge}
+    assert metrics["scorers"][judge]["win_rate"] == metrics["win_rate"]
+    assert {"implicit_acc_elbo", "implicit_acc_trajectory"} <= set(metrics["implicit"])
+    assert (ws / "eval/report.html").is_file() and (ws / "plots/scorers.csv").is_file()
     assert json.loads((ws / "registry/decision.json").read_text())["version"] in ("1", 1)
 
     again = _dvc(ws, "repro")
@@ -66,4 +72,4 @@ def test_repro_runs_five_stages_then_is_a_noop_and_exp_run_reruns_downstream(tin
     assert [s for s in STAGES if f"Running stage '{s}'" in exp] == ["train", "evaluate", "register"]
     assert yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"] == 0.03
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == 0.03
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.03

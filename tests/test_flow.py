@@ -427,3 +427,40 @@ def test_flow_module_import_is_cheap():
     code = "import sys, flows.round; print(any(m in sys.modules for m in ('mlflow', 'torch', 'diffusers')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------
+# compare-methods: one labeled data set, every method, one table
+# --------------------------------------------------------------------------------------------------
+
+
+def test_compare_methods_trains_each_method_on_the_same_data(prefect_harness, tmp_path):
+    from flows.compare import compare_methods
+    from prefdiff.compare import REPORT_JSON, REPORT_MD
+
+    methods = ["d3po", "diffusion_dpo", "sft", "reward_weighted"]
+    overrides = {**TINY_OVERRIDES, "evaluate": {**TINY_OVERRIDES["evaluate"], "implicit_accuracy": False,
+                                                "reward_curve": False},
+                 "compare": {"methods": methods, "overrides": {"diffusion_dpo": {"lr": 0.001, "dpo_beta": 500.0}}}}
+    with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db") as uri:
+        ws = make_workspace(tmp_path / "ws", overrides)
+        result = compare_methods(repo=str(ws))
+        table = (ws / REPORT_MD).read_text()
+        data = json.loads((ws / REPORT_JSON).read_text())
+        client = _client(uri)
+        children = client.search_runs(
+            [client.get_run(result["run_id"]).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
+    assert [r["method"] for r in data["results"]] == methods
+    for method in methods:
+        assert f"| {method} |" in table
+        assert (ws / "comparisons" / method / "models/lora").is_dir()
+    # every method was trained on the same pairs and evaluated on the same paired samples
+    assert len({r["train"]["pairs"] for r in data["results"] if r["method"] != "ddpo"}) == 1
+    assert len({r["eval"]["base_mean_reward"] for r in data["results"]}) == 1
+    assert sorted(r.data.tags["prefdiff.method"] for r in children) == sorted(methods)
+    # the same metric names in every child run, so the MLflow UI lines them up
+    names = [set(r.data.metrics) for r in children]
+    assert all("eval_win_rate" in n and "eval_trained_mean_reward" in n for n in names)
+    assert {r.data.params["train.method"] for r in children} == set(methods)
+    assert {r.data.params["train.lr"] for r in children if r.data.tags["prefdiff.method"] == "diffusion_dpo"} == {"0.001"}

@@ -65,12 +65,27 @@ def test_quality_param_and_mode_conversion() -> None:
 
 
 def test_unknown_judge_and_param() -> None:
-    allowed = "allowed: jpeg_compressibility, jpeg_incompressibility"
-    with pytest.raises(ValueError, match=f"unknown judge 'aesthetic'; {allowed}"):
-        make_judge("aesthetic")
+    with pytest.raises(ValueError, match=r"unknown judge 'aesthetc'; allowed: .*jpeg_compressibility.*pickscore"):
+        make_judge("aesthetc")
     with pytest.raises(ValueError, match=r"unknown params \['qualty'\]; allowed: quality"):
         make_judge("jpeg_compressibility", qualty=90)
-    assert judge_names() == sorted(JUDGES) == ["jpeg_compressibility", "jpeg_incompressibility"]
+    assert set(JUDGES) <= set(judge_names())
+    assert {"pickscore", "image_reward", "laion_aesthetic", "clip_score", "hpsv2.1"} <= set(judge_names())
+
+
+def test_any_scorer_is_a_judge(tmp_path) -> None:
+    """A scorer ranks groups in the label stage (AI feedback): a tiny CLIP saved to disk is PickScore here."""
+    from tests.tiny_scorers import clip_model, clip_processor, clip_tokenizer
+
+    model_dir = tmp_path / "clip"
+    clip_model().save_pretrained(model_dir)
+    clip_tokenizer(model_dir).save_pretrained(model_dir)
+    clip_processor().save_pretrained(model_dir)
+    judge = make_judge("pickscore", model=str(model_dir), processor=str(model_dir), device="cpu")
+    images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue", "white")]
+    scores = judge.score(images, ["a red square"] * 3)
+    assert scores.dtype == np.float64 and scores.shape == (3,) and judge.higher_is_better
+    assert np.array_equal(scores, judge.scorer.score(images, ["a red square"] * 3).double().numpy())
 
 
 # -- pairs ------------------------------------------------------------------------------------------------------

@@ -289,3 +289,39 @@ def test_pyfunc_end_to_end(registry):
     for s_img, l_img, b_img in zip(served, local, base):
         assert np.abs(s_img.astype(int) - l_img.astype(int)).max() <= 1
         assert np.abs(s_img.astype(int) - b_img.astype(int)).mean() > 1.0
+
+
+def test_champion_is_the_evaluation_baseline(registry, tmp_path):
+    """evaluate.baseline: champion downloads the champion's LoRA and compares the trained model against it."""
+    import torch
+
+    from evaluation.evaluate import evaluate_lora
+    from prefdiff.config import parse_params
+    from prefdiff.models import lora as lora_mod
+    from prefdiff.models.loading import load_pipeline
+    from prefdiff.paths import Paths
+    from prefdiff.registry import champion_weights
+
+    assert champion_weights("no-such-model", registry, tmp_path / "dl") is None
+    pipe = load_pipeline("builtin:tiny-sd")
+    params_ = lora_mod.add_lora(pipe.unet, rank=4, alpha=4.0)
+    with torch.no_grad():
+        for p in params_:
+            p.add_(0.05)
+    champ_dir = tmp_path / "champ"
+    lora_mod.save_lora(pipe.unet, champ_dir)
+    decision = _register(registry, "champ-model", champ_dir, {"trained_mean": 2.0, "base_mean": 1.0})
+    assert decision.alias == "champion"
+    version, found = champion_weights("champ-model", registry, tmp_path / "dl")
+    assert version == str(decision.version)
+    assert (found / lora_mod.LORA_WEIGHT_NAME).read_bytes() == (champ_dir / lora_mod.LORA_WEIGHT_NAME).read_bytes()
+
+    params = parse_params({"sampling": {"num_steps": 2},
+                           "evaluate": {"num_prompts": 1, "seeds_per_prompt": 2, "baseline": "champion",
+                                        "implicit_accuracy": False, "reward_curve": False, "report": False},
+                           "register": {"model_name": "champ-model"}})
+    paths = Paths(registry)
+    # the trained model IS the champion here: every paired sample is identical, all ties
+    result = evaluate_lora(params, champ_dir, paths, progress=lambda _: None)
+    assert result.metrics["baseline"] == f"champion v{decision.version}"
+    assert result.metrics["ties"] == 2 and result.metrics["reward_gain"] == 0.0

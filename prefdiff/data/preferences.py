@@ -1,34 +1,75 @@
-"""Preference store: judged (winner, loser) pairs over a trajectory store's images.
+"""Preference store: judged (winner, loser) image pairs, backed by sampled trajectories or by stored images.
 
-Directory with ``pairs.jsonl`` (one JSON object per line) and ``index.json`` (judge, counts, the sha256 of
-pairs.jsonl, and the sha256 of the trajectory index the pairs refer to — the lineage link that lets the
-train stage refuse pairs labeled against a different sample run).
+Directory with ``pairs.jsonl`` (one JSON object per line), ``index.json`` and, for image-only datasets,
+``images/``. One format serves both kinds of pairs the trainers consume:
+
+- ``source.kind == "trajectories"`` (the label stage): the pairs refer to image ids of a trajectory store;
+  ``index["trajectories"]`` records that store's path and index sha256 (the lineage link that lets the
+  train stage refuse pairs labeled against a different sample run). Rows carry ``winner_png``/``loser_png``
+  relative to the *trajectory store*. D3PO and DDPO train on these (they need the latent chains), and
+  Diffusion-DPO can train on their final PNGs (:meth:`PreferenceStore.image_pairs`).
+- ``source.kind == "images"`` (imported datasets, e.g. Pick-a-Pic via :mod:`prefdiff.data.pickapic`):
+  the images live in the dataset itself as ``images/{image_id:06d}.png``; ``index["trajectories"]`` is
+  null and ``index["source"]`` holds the importer's metadata (files read with sha256, transforms, counts).
+  Rows carry ``winner_png``/``loser_png`` relative to *this dataset*, their sha256
+  (``winner_sha256``/``loser_sha256``) and optional SDXL micro-conditioning ``winner_meta``/``loser_meta``
+  = ``{"original_size": [h, w], "crop_top_left": [top, left], "hflip": bool}``. Only image-level trainers
+  (Diffusion-DPO, SFT, reward-weighted) can use them.
+
+Schema versions: 2 (written now) has ``index["source"]``; 1 (written before imported datasets existed) has
+no ``source`` key and is read as ``{"kind": "trajectories"}`` — version-1 datasets stay readable.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from prefdiff import __version__
 from prefdiff.data import DatasetError
-from prefdiff.data.atomic import atomic_dir, atomic_write_bytes, atomic_write_json, sha256_bytes
+from prefdiff.data.atomic import (
+    atomic_write_json,
+    commit_dir,
+    discard_dir,
+    fsync_file,
+    prepare_tmp_dir,
+    sha256_bytes,
+    sha256_file,
+)
 
-if TYPE_CHECKING:  # keep torch out of this module's import cost
+if TYPE_CHECKING:  # keep torch (and PIL) out of this module's import cost
+    from PIL import Image
+
     from prefdiff.data.trajectories import TrajectoryStore
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 KIND = "prefdiff.preferences"
 INDEX_NAME = "index.json"
 PAIRS_NAME = "pairs.jsonl"
+IMAGES_DIR = "images"
+SOURCE_KINDS = ("trajectories", "images")
 _HINT = "re-run the label stage"
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "group_id": int, "prompt": str, "winner": int, "loser": int,
     "winner_score": (int, float), "loser_score": (int, float), "tie": bool,
 }
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+NO_TRAJECTORIES_MSG = (
+    "imported image pairs have no trajectories; D3PO/DDPO need sampled trajectories, "
+    "use train.method diffusion_dpo, sft or reward_weighted"
+)
+
+
+def image_png_name(image_id: int) -> str:
+    """Where an image-only dataset stores image ``image_id`` (relative to the dataset directory)."""
+    return f"{IMAGES_DIR}/{image_id:06d}.png"
 
 
 @dataclass(frozen=True)
@@ -42,6 +83,31 @@ class PreferencePair:
     winner_score: float
     loser_score: float
     tie: bool
+
+
+@dataclass(frozen=True)
+class ImagePair:
+    """A decided pair as image-level trainers (Diffusion-DPO, SFT) consume it: winner first."""
+
+    prompt: str
+    winner_image: Path  # absolute path to a PNG
+    loser_image: Path
+    winner_score: float
+    loser_score: float
+    winner_meta: dict | None  # {"original_size": (h, w), "crop_top_left": (top, left)} or None
+    loser_meta: dict | None
+
+
+@dataclass(frozen=True)
+class _ImageRow:
+    """Per-row extras of an image-only dataset (paths relative to the dataset dir)."""
+
+    winner_png: str
+    loser_png: str
+    winner_sha256: str
+    loser_sha256: str
+    winner_meta: dict | None
+    loser_meta: dict | None
 
 
 @dataclass(frozen=True)
@@ -69,53 +135,216 @@ def summarize(pairs: Sequence[PreferencePair]) -> LabelSummary:
     )
 
 
-def _trajectories_ref(store: TrajectoryStore) -> str:
-    """Store path relative to the cwd (the DVC workspace root, e.g. "data/trajectories") when inside it."""
-    root = Path(store.root).resolve()
+def workspace_ref(path: Path) -> str:
+    """``path`` relative to the cwd (the DVC workspace root, e.g. "data/trajectories") when inside it."""
+    root = Path(path).resolve()
     try:
         return root.relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return root.as_posix()
 
 
-def write_preferences(
-    out_dir: Path, pairs: list[PreferencePair], *, judge: dict, trajectories: TrajectoryStore
-) -> Path:
-    """Write pairs.jsonl then index.json into a temp dir and swap it into ``out_dir``; returns index path.
+def _trajectories_ref(store: TrajectoryStore) -> str:
+    return workspace_ref(store.root)
 
-    ``judge`` must be ``{"name": str, "higher_is_better": bool, "params": dict}``.
-    """
+
+def _check_judge(judge: dict) -> dict:
     missing = [k for k in ("name", "higher_is_better", "params") if k not in judge]
     if missing:
         raise ValueError(f"judge metadata {judge!r} lacks keys {missing}; need name, higher_is_better, params")
-    lines = []
-    for p in pairs:
-        row: dict[str, Any] = asdict(p)
-        row["winner_png"] = str(trajectories.png_path(p.winner).relative_to(trajectories.root).as_posix())
-        row["loser_png"] = str(trajectories.png_path(p.loser).relative_to(trajectories.root).as_posix())
-        lines.append(json.dumps(row, ensure_ascii=False))
-    data = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
-    s = summarize(pairs)
-    index = {
+    return {"name": judge["name"], "higher_is_better": bool(judge["higher_is_better"]),
+            "params": dict(judge["params"])}
+
+
+# -- shared writer -----------------------------------------------------------------------------------------
+class _PairsFile:
+    """Streams pairs.jsonl into a temp dataset dir: sha256 and counts are computed as lines are written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self._sha = hashlib.sha256()
+        self.num_pairs = 0
+        self.num_ties = 0
+        self._groups: set[int] = set()
+        self._margin_sum = 0.0
+
+    def add(self, pair: PreferencePair, extra: dict[str, Any]) -> None:
+        row: dict[str, Any] = asdict(pair)
+        row.update(extra)
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        self._f.write(data)
+        self._sha.update(data)
+        self.num_pairs += 1
+        self.num_ties += bool(pair.tie)
+        self._groups.add(pair.group_id)
+        self._margin_sum += abs(pair.winner_score - pair.loser_score)
+
+    def finish(self) -> dict[str, Any]:
+        """Close (fsynced) and return the index fields describing the pairs."""
+        self._f.flush()
+        self._f.close()
+        fsync_file(self.path)
+        return {"num_pairs": self.num_pairs, "num_ties": self.num_ties, "num_groups": len(self._groups),
+                "pairs_sha256": self._sha.hexdigest()}
+
+    def close_quietly(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def _index(judge: dict, counts: dict[str, Any], *, source: dict, trajectories: dict | None) -> dict[str, Any]:
+    return {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
-        "judge": {"name": judge["name"], "higher_is_better": bool(judge["higher_is_better"]),
-                  "params": dict(judge["params"])},
-        "num_pairs": s.num_pairs,
-        "num_ties": s.num_ties,
-        "num_groups": s.num_groups,
-        "pairs_sha256": sha256_bytes(data),
-        "trajectories": {"path": _trajectories_ref(trajectories), "index_sha256": trajectories.index_sha256()},
+        "judge": judge,
+        **counts,
+        "source": source,
+        "trajectories": trajectories,
         "created_by": f"prefdiff {__version__}",
     }
+
+
+def write_preferences(
+    out_dir: Path, pairs: list[PreferencePair], *, judge: dict, trajectories: TrajectoryStore
+) -> Path:
+    """Write a trajectory-backed dataset: pairs.jsonl then index.json into a temp dir swapped into ``out_dir``.
+
+    ``judge`` must be ``{"name": str, "higher_is_better": bool, "params": dict}``. Returns the index path.
+    """
+    judge = _check_judge(judge)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        atomic_write_bytes(tmp / PAIRS_NAME, data)
+    tmp = prepare_tmp_dir(out_dir)
+    pf = _PairsFile(tmp / PAIRS_NAME)
+    try:
+        for p in pairs:
+            pf.add(p, {
+                "winner_png": trajectories.png_path(p.winner).relative_to(trajectories.root).as_posix(),
+                "loser_png": trajectories.png_path(p.loser).relative_to(trajectories.root).as_posix(),
+            })
+        counts = pf.finish()
+        index = _index(judge, counts, source={"kind": "trajectories"},
+                       trajectories={"path": _trajectories_ref(trajectories),
+                                     "index_sha256": trajectories.index_sha256()})
         atomic_write_json(tmp / INDEX_NAME, index)  # last: its presence marks a complete dataset
+        commit_dir(tmp, out_dir)
+    except BaseException:
+        pf.close_quietly()
+        discard_dir(tmp)
+        raise
     return out_dir / INDEX_NAME
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> PreferencePair:
+def _meta_json(meta: dict | None, what: str) -> dict | None:
+    if meta is None:
+        return None
+    out = {"original_size": [int(x) for x in meta["original_size"]],
+           "crop_top_left": [int(x) for x in meta["crop_top_left"]]}
+    if len(out["original_size"]) != 2 or len(out["crop_top_left"]) != 2:
+        raise ValueError(f"{what}: original_size and crop_top_left must be pairs (h, w) / (top, left); got {meta!r}")
+    for k, v in meta.items():
+        if k not in out:
+            out[k] = v
+    return out
+
+
+class ImagePairWriter:
+    """Streaming writer of an image-only preference dataset (imported pairs; no trajectories).
+
+    Pair ``i`` gets group_id ``i`` and image ids ``2i`` (winner) / ``2i+1`` (loser), stored as lossless PNGs
+    ``images/{id:06d}.png``. Everything goes to ``<out_dir>.tmp-<pid>``; :meth:`close` writes pairs.jsonl,
+    then index.json last, then swaps the directory in. Used as a context manager, an exception deletes the
+    temp dir and leaves an existing ``out_dir`` untouched; a clean exit closes.
+
+    ``source`` is the importer metadata recorded as ``index["source"]`` (``kind`` is forced to "images");
+    :meth:`close` can add final counts to it.
+    """
+
+    def __init__(self, out_dir: Path, *, judge: dict, source: dict | None = None) -> None:
+        self.judge = _check_judge(judge)
+        self.out_dir = Path(out_dir)
+        self.source: dict[str, Any] = {"kind": "images", **{k: v for k, v in (source or {}).items() if k != "kind"}}
+        self._tmp = prepare_tmp_dir(self.out_dir)
+        (self._tmp / IMAGES_DIR).mkdir()
+        self._pairs = _PairsFile(self._tmp / PAIRS_NAME)
+        self._state = "open"  # open | closed | aborted
+
+    @property
+    def num_pairs(self) -> int:
+        return self._pairs.num_pairs
+
+    def __enter__(self) -> ImagePairWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            self.close()
+
+    def _write_png(self, image_id: int, image: Image.Image) -> tuple[str, str]:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+        name = image_png_name(image_id)
+        # Plain write (no per-file fsync: the temp dir is published only by close(); a file lost to a crash
+        # after that is caught by the sha256 recorded in its row, which image_pairs() checks).
+        with open(self._tmp / name, "wb") as f:
+            f.write(data)
+        return name, sha256_bytes(data)
+
+    def add_pair(
+        self,
+        prompt: str,
+        winner: Image.Image,
+        loser: Image.Image,
+        *,
+        winner_meta: dict | None = None,
+        loser_meta: dict | None = None,
+        winner_score: float = 1.0,
+        loser_score: float = 0.0,
+    ) -> PreferencePair:
+        """Store one decided pair (winner first); returns the row's :class:`PreferencePair`."""
+        if self._state != "open":
+            raise RuntimeError(f"ImagePairWriter for {self.out_dir} is {self._state}")
+        i = self._pairs.num_pairs
+        pair = PreferencePair(group_id=i, prompt=str(prompt), winner=2 * i, loser=2 * i + 1,
+                              winner_score=float(winner_score), loser_score=float(loser_score), tie=False)
+        w_png, w_sha = self._write_png(pair.winner, winner)
+        l_png, l_sha = self._write_png(pair.loser, loser)
+        extra: dict[str, Any] = {"winner_png": w_png, "loser_png": l_png, "winner_sha256": w_sha, "loser_sha256": l_sha}
+        if winner_meta is not None or loser_meta is not None:
+            extra["winner_meta"] = _meta_json(winner_meta, f"pair {i} winner_meta")
+            extra["loser_meta"] = _meta_json(loser_meta, f"pair {i} loser_meta")
+        self._pairs.add(pair, extra)
+        return pair
+
+    def close(self, source_updates: dict | None = None) -> Path:
+        """Write pairs.jsonl and index.json, swap the directory in; returns the index path."""
+        if self._state != "open":
+            raise RuntimeError(f"ImagePairWriter for {self.out_dir} is {self._state}")
+        try:
+            self.source.update({k: v for k, v in (source_updates or {}).items() if k != "kind"})
+            counts = self._pairs.finish()
+            self.source["num_images"] = 2 * counts["num_pairs"]
+            atomic_write_json(self._tmp / INDEX_NAME, _index(self.judge, counts, source=self.source, trajectories=None))
+            commit_dir(self._tmp, self.out_dir)
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        return self.out_dir / INDEX_NAME
+
+    def abort(self) -> None:
+        """Delete the temp dir; the previous ``out_dir`` (if any) is untouched."""
+        if self._state == "open":
+            self._pairs.close_quietly()
+            discard_dir(self._tmp)
+            self._state = "aborted"
+
+
+# -- reading ------------------------------------------------------------------------------------------------
+def _parse_line(path: Path, lineno: int, line: str) -> tuple[PreferencePair, dict]:
     where = f"{path}:{lineno}"
     try:
         obj = json.loads(line)
@@ -135,16 +364,58 @@ def _parse_line(path: Path, lineno: int, line: str) -> PreferencePair:
         raise DatasetError(f"{where}: winner and loser are both image {pair.winner} — {_HINT}")
     if pair.tie and pair.winner > pair.loser:
         raise DatasetError(f"{where}: tie with winner {pair.winner} > loser {pair.loser}; ties list ids ascending")
-    return pair
+    return pair, obj
+
+
+def _parse_meta(where: str, key: str, v: Any) -> dict | None:
+    if v is None:
+        return None
+
+    def pair_of_ints(x: Any, minimum: int) -> bool:
+        return (isinstance(x, list) and len(x) == 2
+                and all(isinstance(a, int) and not isinstance(a, bool) and a >= minimum for a in x))
+
+    if not (isinstance(v, dict) and pair_of_ints(v.get("original_size"), 1)
+            and pair_of_ints(v.get("crop_top_left"), 0)):
+        raise DatasetError(
+            f"{where}: {key}={v!r}; expected null or {{\"original_size\": [h, w], \"crop_top_left\": [top, left]}}"
+            " (ints) — the dataset is corrupt, re-import it"
+        )
+    return {"original_size": tuple(v["original_size"]), "crop_top_left": tuple(v["crop_top_left"])}
+
+
+def _parse_image_row(root: Path, where: str, obj: dict) -> _ImageRow:
+    hint = "the dataset is corrupt, re-import it"
+    vals: dict[str, Any] = {}
+    for side in ("winner", "loser"):
+        png, sha = obj.get(f"{side}_png"), obj.get(f"{side}_sha256")
+        if not isinstance(png, str) or not png:
+            raise DatasetError(f"{where}: {side}_png={png!r}; an imported pair needs a relative PNG path — {hint}")
+        pp = PurePosixPath(png)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in png:
+            raise DatasetError(f"{where}: {side}_png={png!r} points outside {root} — {hint}")
+        if not isinstance(sha, str) or not _SHA_RE.match(sha):
+            raise DatasetError(f"{where}: {side}_sha256={sha!r}; expected 64 lowercase hex digits — {hint}")
+        vals[f"{side}_png"], vals[f"{side}_sha256"] = png, sha
+        vals[f"{side}_meta"] = _parse_meta(where, f"{side}_meta", obj.get(f"{side}_meta"))
+    return _ImageRow(**vals)
 
 
 class PreferenceStore:
-    """Read side; :meth:`open` verifies schema, pairs.jsonl sha256 and every line."""
+    """Read side; :meth:`open` verifies schema, pairs.jsonl sha256 and every line.
 
-    def __init__(self, root: Path, index: dict[str, Any], pairs: list[PreferencePair]) -> None:
+    Image files are checked (existence, and sha256 with ``verify=True``) by :meth:`image_pairs`, the call
+    that hands them to a trainer — not by :meth:`open`, which the label stage also uses only for counts.
+    """
+
+    def __init__(
+        self, root: Path, index: dict[str, Any], pairs: list[PreferencePair],
+        image_rows: list[_ImageRow] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.index = index
         self.pairs = pairs
+        self._image_rows = image_rows
 
     @classmethod
     def open(cls, root: Path) -> PreferenceStore:
@@ -159,14 +430,30 @@ class PreferenceStore:
         if not isinstance(index, dict) or index.get("kind") != KIND:
             kind = index.get("kind") if isinstance(index, dict) else None
             raise DatasetError(f"{index_path}: kind {kind!r}; expected {KIND!r} — is this a preference dataset?")
-        if index.get("schema_version") != SCHEMA_VERSION:
+        version = index.get("schema_version")
+        if isinstance(version, bool) or version not in SUPPORTED_SCHEMA_VERSIONS:
             raise DatasetError(
-                f"{index_path}: schema_version {index.get('schema_version')!r} found, supported: {SCHEMA_VERSION}"
-                f" — {_HINT}"
+                f"{index_path}: schema_version {version!r} found, supported: "
+                f"{', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))} — {_HINT}"
             )
-        for key in ("judge", "num_pairs", "num_ties", "pairs_sha256", "trajectories"):
+        required = ["judge", "num_pairs", "num_ties", "pairs_sha256", "trajectories"]
+        if version >= 2:
+            required.append("source")
+        for key in required:
             if key not in index:
                 raise DatasetError(f"{index_path}: missing key {key!r} — {_HINT}")
+        if version == 1:
+            index = {**index, "source": {"kind": "trajectories"}}  # v1 predates imported datasets
+        source = index["source"]
+        kind = source.get("kind") if isinstance(source, dict) else None
+        if kind not in SOURCE_KINDS:
+            raise DatasetError(f"{index_path}: source {source!r}; source.kind must be one of {list(SOURCE_KINDS)}")
+        traj = index["trajectories"]
+        if kind == "trajectories" and not (isinstance(traj, dict) and isinstance(traj.get("index_sha256"), str)):
+            raise DatasetError(f"{index_path}: trajectories={traj!r}; a trajectory-backed dataset needs "
+                               f"{{\"path\", \"index_sha256\"}} — {_HINT}")
+        if kind == "images" and traj is not None:
+            raise DatasetError(f"{index_path}: source.kind 'images' but trajectories={traj!r}; expected null")
         if not pairs_path.is_file():
             raise DatasetError(f"{pairs_path}: missing (listed by {index_path}) — {_HINT}")
         data = pairs_path.read_bytes()
@@ -180,23 +467,47 @@ class PreferenceStore:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DatasetError(f"{pairs_path}: not UTF-8 ({e}) — {_HINT}") from e
-        pairs = [_parse_line(pairs_path, i, line) for i, line in enumerate(text.splitlines(), start=1)]
+        pairs: list[PreferencePair] = []
+        image_rows: list[_ImageRow] | None = [] if kind == "images" else None
+        for i, line in enumerate(text.splitlines(), start=1):
+            pair, obj = _parse_line(pairs_path, i, line)
+            pairs.append(pair)
+            if image_rows is not None:
+                image_rows.append(_parse_image_row(root, f"{pairs_path}:{i}", obj))
         if len(pairs) != index["num_pairs"] or sum(p.tie for p in pairs) != index["num_ties"]:
             raise DatasetError(
                 f"{pairs_path}: {len(pairs)} pairs / {sum(p.tie for p in pairs)} ties; index says "
                 f"{index['num_pairs']} / {index['num_ties']} — {_HINT}"
             )
-        return cls(root, index, pairs)
+        return cls(root, index, pairs, image_rows)
+
+    @property
+    def source_kind(self) -> str:
+        """"trajectories" (pairs over a trajectory store's images) or "images" (imported, self-contained)."""
+        return str(self.index.get("source", {}).get("kind", "trajectories"))
+
+    def _no_trajectories(self) -> DatasetError:
+        return DatasetError(f"{self.root}: {NO_TRAJECTORIES_MSG}")
 
     def training_pairs(self) -> list[PreferencePair]:
-        """Pairs the loss trains on: ties carry no preference, so they are excluded."""
+        """Trajectory pairs the D3PO/DDPO losses train on: ties carry no preference, so they are excluded.
+
+        Raises DatasetError for image-only (imported) datasets: their ids name no trajectories.
+        """
+        if self.source_kind != "trajectories":
+            raise self._no_trajectories()
         return [p for p in self.pairs if not p.tie]
 
     def summary(self) -> LabelSummary:
         return summarize(self.pairs)
 
     def check_trajectories(self, store: TrajectoryStore) -> None:
-        """Refuse a trajectory store other than the one these pairs were labeled against."""
+        """Refuse a trajectory store other than the one these pairs were labeled against.
+
+        Image-only datasets refuse every store (DatasetError): they were not labeled against any.
+        """
+        if self.source_kind != "trajectories":
+            raise self._no_trajectories()
         want = self.index["trajectories"]["index_sha256"]
         got = store.index_sha256()
         if want != got:
@@ -208,8 +519,69 @@ class PreferenceStore:
         if bad:
             raise DatasetError(f"{self.root / PAIRS_NAME}: image ids {bad[:5]} not in 0..{store.num_images - 1}")
 
+    def image_pairs(self, trajectories: TrajectoryStore | None = None, *, verify: bool = True) -> list[ImagePair]:
+        """Decided pairs (ties excluded), winner first, as absolute PNG paths for image-level trainers.
+
+        Image-only datasets: the PNGs inside this dataset (``trajectories`` is ignored). Trajectory-backed:
+        the final PNGs of ``trajectories`` (required; checked with :meth:`check_trajectories`), meta None.
+        Every image must exist; with ``verify`` (default) each distinct file is also hashed against the
+        sha256 recorded for it (row or trajectory index). DatasetError names the file.
+        """
+        decided = [k for k, p in enumerate(self.pairs) if not p.tie]
+        out: list[ImagePair] = []
+        seen: set[Path] = set()
+
+        def check(path: Path, sha: str, listed_in: Path, hint: str) -> Path:
+            if path in seen:
+                return path
+            if not path.is_file():
+                raise DatasetError(f"{path}: missing (listed in {listed_in}) — {hint}")
+            if verify:
+                actual = sha256_file(path)
+                if actual != sha:
+                    raise DatasetError(
+                        f"{path}: sha256 mismatch ({listed_in} says {sha[:12]}…, file is {actual[:12]}…); "
+                        f"the image is corrupt or was modified — {hint}"
+                    )
+            seen.add(path)
+            return path
+
+        if self.source_kind == "images":
+            assert self._image_rows is not None
+            root = self.root.resolve()
+            listed = self.root / PAIRS_NAME
+            hint = "re-import the dataset"
+            for k in decided:
+                p, r = self.pairs[k], self._image_rows[k]
+                out.append(ImagePair(
+                    prompt=p.prompt,
+                    winner_image=check(root / r.winner_png, r.winner_sha256, listed, hint),
+                    loser_image=check(root / r.loser_png, r.loser_sha256, listed, hint),
+                    winner_score=p.winner_score, loser_score=p.loser_score,
+                    winner_meta=r.winner_meta, loser_meta=r.loser_meta,
+                ))
+            return out
+        if trajectories is None:
+            ref = self.index["trajectories"].get("path", "the trajectory store")
+            raise DatasetError(
+                f"{self.root}: these pairs refer to the images of a trajectory store ({ref}); "
+                "pass it: image_pairs(TrajectoryStore.open(...))"
+            )
+        self.check_trajectories(trajectories)
+        listed = Path(trajectories.root) / "index.json"
+        images = trajectories.index["images"]
+        hint = "re-run the sample stage"
+        for k in decided:
+            p = self.pairs[k]
+            w = check(Path(trajectories.png_path(p.winner)).resolve(), images[p.winner]["png_sha256"], listed, hint)
+            lo = check(Path(trajectories.png_path(p.loser)).resolve(), images[p.loser]["png_sha256"], listed, hint)
+            out.append(ImagePair(prompt=p.prompt, winner_image=w, loser_image=lo, winner_score=p.winner_score,
+                                 loser_score=p.loser_score, winner_meta=None, loser_meta=None))
+        return out
+
 
 __all__ = [
-    "LabelSummary", "PreferencePair", "PreferenceStore", "summarize", "write_preferences",
-    "SCHEMA_VERSION", "KIND",
+    "ImagePair", "ImagePairWriter", "LabelSummary", "PreferencePair", "PreferenceStore", "summarize",
+    "write_preferences", "image_png_name", "workspace_ref", "NO_TRAJECTORIES_MSG",
+    "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "KIND",
 ]

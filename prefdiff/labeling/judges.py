@@ -76,17 +76,46 @@ JUDGES: dict[str, Callable[..., Judge]] = {
 }
 
 
+class ScorerJudge:
+    """Any evaluation scorer (PickScore, ImageReward, aesthetic, CLIP, HPSv2, ...) as a label judge: the
+    Diffusion-DPO paper's AI-feedback setting, where a scorer ranks the candidates instead of people."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer = scorer
+        self.name = scorer.name
+        self.higher_is_better = bool(scorer.higher_is_better)
+        self.params: dict[str, Any] = dict(scorer.params())
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        return self.scorer.score(images, prompts).double().numpy()
+
+    def __repr__(self) -> str:
+        return f"ScorerJudge({self.scorer!r})"
+
+
 def judge_names() -> list[str]:
-    return sorted(JUDGES)
+    """The JPEG judges plus every evaluation scorer (``evaluation.scorers.registry``)."""
+    from evaluation.scorers.registry import scorer_names
+
+    return sorted(set(JUDGES) | set(scorer_names()))
 
 
 def make_judge(name: str, **params: Any) -> Judge:
-    """Build a registered judge; unknown names/params raise ValueError listing what is allowed."""
-    if name not in JUDGES:
+    """Build a judge; unknown names/params raise ValueError listing what is allowed.
+
+    JPEG judges take ``quality``; a scorer judge takes its constructor's keyword arguments (sources,
+    device, dtype, batch_size) and ignores ``quality``.
+    """
+    if name in JUDGES:
+        factory = JUDGES[name]
+        allowed = list(inspect.signature(factory).parameters)
+        unknown = sorted(set(params) - set(allowed))
+        if unknown:
+            raise ValueError(f"judge {name!r}: unknown params {unknown}; allowed: {', '.join(allowed) or '(none)'}")
+        return factory(**params)
+    if name not in judge_names():
         raise ValueError(f"unknown judge {name!r}; allowed: {', '.join(judge_names())}")
-    factory = JUDGES[name]
-    allowed = list(inspect.signature(factory).parameters)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"judge {name!r}: unknown params {unknown}; allowed: {', '.join(allowed) or '(none)'}")
-    return factory(**params)
+    from evaluation.scorers.registry import get_scorer
+
+    params.pop("quality", None)
+    return ScorerJudge(get_scorer(name, **params))

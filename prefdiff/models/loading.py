@@ -1,8 +1,10 @@
 """Load a text-to-image pipeline from the built-in tiny model, a hub id or a local directory.
 
-One loader for every source, so the code path that loads real Stable Diffusion 1.5 weights is the one
-the tests exercise (they save the tiny pipeline to a temporary directory and load it back). Hub ids are
-read from the local Hugging Face cache only: nothing is downloaded at run time.
+One loader for every source, so the code path that loads real Stable Diffusion 1.5 / SDXL weights is the
+one the tests exercise (they save the tiny pipelines to a temporary directory and load them back). Hub ids
+are read from the local Hugging Face cache only: nothing is downloaded at run time. The pipeline class
+(``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) comes from the directory's
+``model_index.json``.
 """
 
 from __future__ import annotations
@@ -32,36 +34,56 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_pipeline(source: str, *, dtype: str = "float32", device: str = "cpu", revision: str | None = None):
-    """Return a StableDiffusionPipeline with a DDIM scheduler, on ``device`` in ``dtype``, in eval mode.
+    """Return a StableDiffusion(XL)Pipeline with a DDIM scheduler, on ``device`` in ``dtype``, in eval mode.
 
-    ``source`` is ``builtin:tiny-sd``, a local diffusers directory (with ``model_index.json``) or a hub id
-    ``org/name`` already in the local Hugging Face cache.
+    ``source`` is ``builtin:tiny-sd`` / ``builtin:tiny-sdxl``, a local diffusers directory (with
+    ``model_index.json``) or a hub id ``org/name`` already in the local Hugging Face cache. SD 1.5 and SDXL
+    pipelines are supported (``prefdiff.sampling.guidance.is_sdxl`` tells them apart).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
+
+    from prefdiff.sampling.guidance import is_sdxl
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype = {dtype!r}; allowed: {', '.join(DTYPES)}")
     if source.startswith(BUILTIN_PREFIX):
-        from prefdiff.models.tiny import BUILTIN_MODELS, build_tiny_pipeline
+        from prefdiff.models.tiny import BUILTIN_MODELS, build_builtin
 
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
-            raise ValueError(f"model.source = {source!r}: unknown built-in model; allowed: builtin:tiny-sd")
-        pipe = build_tiny_pipeline()
+            allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
+            raise ValueError(f"model.source = {source!r}: unknown built-in model; allowed: {allowed}")
+        pipe = build_builtin(name)
         if dtype != "float32":
             pipe = pipe.to(dtype=DTYPES[dtype])
     else:
         path = _locate(source, revision)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path), dtype=DTYPES[dtype], safety_checker=None, requires_safety_checker=False,
-            local_files_only=True,
-        )
+        cls = _pipeline_class(path)
+        extra = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {
+            "safety_checker": None, "requires_safety_checker": False}
+        pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True, **extra)
         # The log-prob sampler is DDIM; keep the model's own noise schedule (betas, offset, spacing).
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if dtype == "float16" and is_sdxl(pipe) and pipe.vae.config.get("force_upcast", False):
+        # SDXL's VAE overflows in fp16 (its config says force_upcast, as diffusers' SDXL pipeline does):
+        # decode in fp32; decode_images casts the latents to the VAE's dtype.
+        pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False).eval()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.requires_grad_(False).eval()
     return pipe.to(resolve_device(device))
+
+
+def _pipeline_class(path: Path):
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, from ``model_index.json``'s ``_class_name``."""
+    import json
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    return StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
 
 
 def _locate(source: str, revision: str | None) -> Path:
@@ -76,7 +98,7 @@ def _locate(source: str, revision: str | None) -> Path:
         return local
     if not _HUB_ID.fullmatch(source):
         raise ModelNotFoundError(
-            f"model.source = {source!r} is neither builtin:tiny-sd, an existing local directory, nor a hub id "
+            f"model.source = {source!r} is neither a builtin: model, an existing local directory, nor a hub id "
             "of the form org/name"
         )
     from huggingface_hub import snapshot_download

@@ -28,8 +28,10 @@ class SamplingConfig:
 
 
 def latent_shape(pipe) -> tuple[int, int, int]:
+    """(C, H, W) of the UNet's native latents (SD 1.5 and SDXL alike)."""
     size = pipe.unet.config.sample_size
-    return (pipe.unet.config.in_channels, size, size)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (pipe.unet.config.in_channels, h, w)
 
 
 def seeded_noise(seed: int, images: int, steps: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +54,11 @@ def decode_images(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 @torch.no_grad()
 def _run_chain(pipe, prompts: list[str], x_T: torch.Tensor, z: torch.Tensor, cfg: SamplingConfig):
-    """Sample B chains. x_T [B,C,H,W], z [B,T,C,H,W] -> (chain [B,T+1,C,H,W], log_probs [B,T], timesteps [T])."""
+    """Sample B chains. x_T [B,C,H,W], z [B,T,C,H,W] -> (chain [B,T+1,C,H,W], log_probs [B,T], timesteps [T]).
+
+    The conditioning is ``encode_prompts``' (SDXL: pooled text embeds and the default size/crop time ids)
+    and the unconditional branch is the empty prompt's, as in the trainers.
+    """
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
     scheduler.set_timesteps(cfg.num_steps, device=device)

@@ -24,7 +24,7 @@ class LoraDiffusionModel(mlflow.pyfunc.PythonModel):
         from pathlib import Path
 
         from prefdiff.models.loading import load_pipeline
-        from prefdiff.models.lora import load_lora_weights
+        from prefdiff.models.finetuned import apply_trained
 
         config = context.model_config or {}
         if "base_source" not in config:
@@ -34,7 +34,7 @@ class LoraDiffusionModel(mlflow.pyfunc.PythonModel):
             dtype=config.get("dtype", "float32"),
             device=config.get("device", "cpu"),
         )
-        load_lora_weights(self.pipe, Path(context.artifacts["lora"]))
+        apply_trained(self.pipe, Path(context.artifacts["lora"]))  # a LoRA, or a full UNet under unet/
 
     def predict(self, context, model_input, params=None):
         import io
