@@ -166,14 +166,13 @@ def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, judge, p
     ep, tp = params.evaluate, params.train
     if ep.implicit_pairs:
         source = Path(ep.implicit_pairs) if Path(ep.implicit_pairs).is_absolute() else paths.root / ep.implicit_pairs
-        prefs = PreferenceStore.open(source)
-        trajectories = None
+        prefs, trajectories = PreferenceStore.open(source), None
         if prefs.source_kind == "trajectories":
             raise ValueError(f"evaluate.implicit_pairs {source}: give an image-pair dataset (e.g. an imported "
                              "Pick-a-Pic test split); trajectory pairs are sampled by the evaluate stage itself")
         progress(f"implicit accuracy on the pairs of {source}")
     else:
-        trajectories, prefs = heldout_pairs(params, paths, judge, progress)
+        trajectories, prefs = heldout_pairs(params, paths, pipe, judge, progress)
     out: dict[str, Any] = {"pairs_source": str(ep.implicit_pairs or "sampled held-out groups"),
                            "dpo_beta": tp.official_dpo_beta}
     image_pairs = prefs.image_pairs(trajectories)
@@ -189,7 +188,7 @@ def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, judge, p
     return out
 
 
-def heldout_pairs(params: Params, paths: Paths, judge, progress):
+def heldout_pairs(params: Params, paths: Paths, pipe, judge, progress):
     """Groups of 2 sampled by the base on the evaluation prompts with seeds no training or evaluation sample
     uses, ranked by the primary judge: held-out preference pairs with trajectories, under ``eval/heldout``."""
     from prefdiff.data.preferences import PreferenceStore
@@ -204,7 +203,7 @@ def heldout_pairs(params: Params, paths: Paths, judge, progress):
     hparams = params.model_copy(update={"sample": sample})
     root = paths.eval_dir / "heldout"
     progress(f"held-out pairs: {ep.implicit_groups_per_prompt} groups of 2 per evaluation prompt, judged by {judge.name}")
-    sample_dataset(hparams, root / "trajectories", progress=lambda _: None)
+    sample_dataset(hparams, root / "trajectories", progress=lambda _: None, pipe=pipe, root=paths.root)
     store = TrajectoryStore.open(root / "trajectories")
     label_trajectories(store, judge, root / "preferences", progress=lambda _: None)
     return store, PreferenceStore.open(root / "preferences")

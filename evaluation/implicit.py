@@ -102,7 +102,8 @@ def trajectory_implicit_accuracy(pipe, trained: Path, trajectories, pairs: Seque
     chain, _ = trajectories.load(ids)
     prompts = [trajectories.prompt_of(i) for i in ids]
     unique = sorted(set(prompts))
-    embeds = encode_prompts(pipe, unique)[torch.tensor([unique.index(p) for p in prompts])].cpu()
+    position = {p: i for i, p in enumerate(unique)}
+    embeds = encode_prompts(pipe, unique)[torch.tensor([position[p] for p in prompts])].cpu()
     uncond = encode_prompts(pipe, [""])
     pipe.scheduler.set_timesteps(trajectories.num_steps, device=pipe.unet.device)
     cfg = SamplingConfig(num_steps=trajectories.num_steps, eta=eta, guidance_scale=guidance)

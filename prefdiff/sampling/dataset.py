@@ -15,17 +15,22 @@ def group_seed(base_seed: int, group_index: int) -> int:
     return base_seed * 1_000_003 + group_index
 
 
-def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], None] = print) -> Path:
-    """Sample ``groups_per_prompt`` groups of G images for every prompt of the set; returns the index path."""
+def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], None] = print, pipe=None,
+                   root: Path | None = None) -> Path:
+    """Sample ``groups_per_prompt`` groups of G images for every prompt of the set; returns the index path.
+
+    ``pipe``: an already loaded base pipeline of ``params.model`` (else it is loaded); ``root``: where
+    file-backed prompt sets are resolved (default: the current directory, the DVC workspace)."""
     from prefdiff.data.trajectories import TrajectoryWriter
     from prefdiff.models.loading import load_pipeline, model_fingerprint
     from prefdiff.sampling.sampler import SamplingConfig, sample_groups
 
     sp = params.sample
-    prompts = [p for p in get_prompt_set(sp.prompt_set, sp.num_prompts) for _ in range(sp.groups_per_prompt)]
+    prompts = [p for p in get_prompt_set(sp.prompt_set, sp.num_prompts, root=root) for _ in range(sp.groups_per_prompt)]
     seeds = [group_seed(sp.seed, i) for i in range(len(prompts))]
-    pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
-                         revision=params.model.revision)
+    if pipe is None:
+        pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
+                             revision=params.model.revision)
     cfg = SamplingConfig(**params.sampling.model_dump())
     model = {**params.model.model_dump(), "unet_sha256": model_fingerprint(pipe)}
     began = time.time()

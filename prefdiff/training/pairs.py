@@ -29,6 +29,7 @@ from PIL import Image
 
 from prefdiff.config import Params
 from prefdiff.data.preferences import ImagePair, PreferenceStore
+from prefdiff.sampling.guidance import Conditioning, default_time_ids, encode_prompts, is_sdxl, noise_pred
 from prefdiff.training.losses import diffusion_dpo_loss, per_sample_mse, reward_weighted_loss, sft_loss
 from prefdiff.training.setup import CheckpointedRun, TrainableUNet, TrainSummary, rng, steps_per_epoch
 
@@ -76,8 +77,6 @@ class PairBatchBuilder:
     """Turns a micro-batch of image pairs into noised latents, targets and conditioning (all on ``device``)."""
 
     def __init__(self, pipe, pairs: Sequence[ImagePair], *, device, empty_prompt_prob: float) -> None:
-        from prefdiff.sampling.guidance import Conditioning, default_time_ids, encode_prompts, is_sdxl
-
         self.pipe, self.pairs, self.device = pipe, list(pairs), device
         self.empty_prompt_prob = empty_prompt_prob
         prompts = sorted({p.prompt for p in self.pairs})
@@ -86,16 +85,15 @@ class PairBatchBuilder:
         self.table = Conditioning.cat([encode_prompts(pipe, prompts), encode_prompts(pipe, [""])]).cpu()
         self.empty_row = len(prompts)
         self.sdxl = is_sdxl(pipe)
-        self._default_time_ids = default_time_ids
         self.num_train_timesteps = pipe.scheduler.config.num_train_timesteps
 
     def _time_ids(self, metas: list[dict | None], size: tuple[int, int]) -> torch.Tensor:
         rows = []
         for meta in metas:
             if meta is None:
-                rows.append(self._default_time_ids(self.pipe, 1, original_size=size, target_size=size))
+                rows.append(default_time_ids(self.pipe, 1, original_size=size, target_size=size))
             else:
-                rows.append(self._default_time_ids(self.pipe, 1, original_size=tuple(meta["original_size"]),
+                rows.append(default_time_ids(self.pipe, 1, original_size=tuple(meta["original_size"]),
                                                    crop_top_left=tuple(meta["crop_top_left"]), target_size=size))
         return torch.cat(rows)
 
@@ -128,8 +126,6 @@ class PairBatchBuilder:
 
 def pair_losses(method: str, model: TrainableUNet, builder: PairBatchBuilder, rows, generator, tp):
     """(loss, metrics) of one micro-batch for a pair method."""
-    from prefdiff.sampling.guidance import noise_pred
-
     both = method != "sft"
     x_t, t, target, cond = builder.build(rows, generator, both=both)
     mse = per_sample_mse(noise_pred(model.unet, x_t, t, cond), target)  # [2B] (winners, then losers) or [B]
