@@ -41,11 +41,11 @@ def train_and_evaluate(params: Params, paths: Paths, method: str, *, progress: C
     out = method_paths(paths, method)
     progress(f"== {method}: training on {paths.preferences}")
     summary = train_method(mparams, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
-                           lora_out=out.lora, checkpoint_dir=out.checkpoints, log_metrics=log_metrics,
+                           lora_out=out.trained, checkpoint_dir=out.checkpoints, log_metrics=log_metrics,
                            progress=progress)
     atomic_write_json(out.train_metrics, summary.metrics())
     progress(f"== {method}: evaluating against the base")
-    result = evaluate_lora(mparams, out.lora, out, progress=progress)
+    result = evaluate_lora(mparams, out.trained, out, progress=progress)
     return {"method": method, "train": summary.metrics(), "eval": result.metrics,
             "params": mparams.train.model_dump()}
 

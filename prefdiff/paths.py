@@ -30,8 +30,9 @@ class Paths:
         return self.root / "data" / "preferences"
 
     @property
-    def lora(self) -> Path:
-        return self.root / "models" / "lora"
+    def trained(self) -> Path:
+        """The trained weights: a diffusers LoRA, or the full UNet under ``unet/``, plus epoch snapshots."""
+        return self.root / "models" / "trained"
 
     @property
     def checkpoints(self) -> Path:

@@ -1,6 +1,6 @@
 """Stage ``evaluate``: base vs trained on held-out prompts with fixed seeds.
 
-Reads params ``model``, ``sampling``, ``label.judge``, ``evaluate``; reads ``models/lora``; writes
+Reads params ``model``, ``sampling``, ``label.judge``, ``evaluate``; reads ``models/trained``; writes
 ``metrics/eval.json``, ``plots/reward_curve.csv``, ``plots/win_rate.csv``, ``plots/scorers.csv`` and
 ``eval/`` (grid, per-sample scores, held-out pairs, report.html).
 """
@@ -18,7 +18,7 @@ def main() -> None:
     from evaluation.evaluate import evaluate_lora, flat_metrics
 
     with tracked("evaluate", params, paths, ("evaluate",)) as log_metrics:
-        result = evaluate_lora(params, paths.lora, paths, progress=say)
+        result = evaluate_lora(params, paths.trained, paths, progress=say)
         m = result.metrics
         say(f"evaluate: trained {m['trained_mean_reward']:.4f} vs base {m['base_mean_reward']:.4f} "
             f"({m['judge']}); win-rate {m['win_rate']:.3f} [{m['win_rate_low']:.3f}, {m['win_rate_high']:.3f}] "

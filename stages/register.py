@@ -1,6 +1,6 @@
 """Stage ``register``: the trained LoRA as an MLflow pyfunc model version, gated to ``champion``.
 
-Reads params ``model``, ``sampling``, ``register``; reads ``models/lora`` and ``metrics/eval.json``;
+Reads params ``model``, ``sampling``, ``register``; reads ``models/trained`` and ``metrics/eval.json``;
 writes ``registry/decision.json``. Re-running with unchanged inputs registers nothing new.
 """
 
@@ -22,7 +22,7 @@ def main() -> None:
         eval_metrics = json.loads(paths.eval_metrics.read_text())
         model_config = {"base_source": params.model.source, "revision": params.model.revision,
                         "dtype": params.model.dtype, "device": "cpu", **params.sampling.model_dump()}
-        decision = register_lora(root=paths.root, lora_dir=paths.lora, eval_metrics=eval_metrics,
+        decision = register_lora(root=paths.root, lora_dir=paths.trained, eval_metrics=eval_metrics,
                                  model_config=model_config, model_name=rp.model_name, gate_metric=rp.gate_metric,
                                  base_metric=rp.base_metric, min_improvement=rp.min_improvement,
                                  experiment=rp.experiment)

@@ -1,7 +1,7 @@
 """Stage ``train``: the method ``train.method`` names (D3PO, Diffusion-DPO, SFT, reward-weighted, DDPO).
 
 Reads params ``model``, ``sampling``, ``train``; reads ``data/trajectories`` and ``data/preferences``;
-writes ``models/lora`` (final LoRA, or the full UNet under ``unet/``, plus epoch snapshots),
+writes ``models/trained`` (final LoRA, or the full UNet under ``unet/``, plus epoch snapshots),
 ``metrics/train.json``, ``plots/train.csv``; keeps resumable checkpoints in ``models/checkpoints``
 (persistent: an interrupted run resumes).
 """
@@ -19,7 +19,7 @@ def main() -> None:
 
     with tracked("train", params, paths, ("train",)) as log_metrics:
         summary = train_method(params, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
-                               lora_out=paths.lora, checkpoint_dir=paths.checkpoints, log_metrics=log_metrics,
+                               lora_out=paths.trained, checkpoint_dir=paths.checkpoints, log_metrics=log_metrics,
                                progress=say)
         paths.train_plot.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.parent.mkdir(parents=True, exist_ok=True)

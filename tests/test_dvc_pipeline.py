@@ -37,7 +37,7 @@ def test_dvc_yaml_matches_paths_params_and_code():
             section, _, name = key.partition(".")
             assert section in Params.model_fields, key
             assert not name or name in Params.model_fields[section].annotation.model_fields, key
-    expected = {paths.trajectories, paths.preferences, paths.lora, paths.checkpoints, paths.eval_dir,
+    expected = {paths.trajectories, paths.preferences, paths.trained, paths.checkpoints, paths.eval_dir,
                 paths.train_metrics, paths.eval_metrics, paths.train_plot, paths.reward_curve_plot,
                 paths.winrate_plot, paths.scorers_plot, paths.decision}
     assert {Path(p) for p in declared} == expected
@@ -51,7 +51,7 @@ def test_repro_runs_five_stages_then_is_a_noop_and_exp_run_reruns_downstream(tin
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     assert ran == STAGES
     for path in ("data/trajectories/index.json", "data/preferences/pairs.jsonl",
-                 "models/lora/pytorch_lora_weights.safetensors", "eval/grid.png", "registry/decision.json"):
+                 "models/trained/pytorch_lora_weights.safetensors", "eval/grid.png", "registry/decision.json"):
         assert (ws / path).is_file(), path
     metrics = json.loads((ws / "metrics/eval.json").read_text())
     assert {"win_rate", "win_rate_low", "win_rate_high", "base_mean_reward", "trained_mean_reward"} <= set(metrics)

@@ -154,7 +154,7 @@ def test_round_runs_five_stages_into_one_mlflow_run(round1):
     result = state.result()
     paths = Paths(round1.ws)
     for path in (paths.trajectories / "index.json", paths.preferences / "index.json",
-                 paths.lora / "pytorch_lora_weights.safetensors", paths.eval_metrics, paths.decision):
+                 paths.trained / "pytorch_lora_weights.safetensors", paths.eval_metrics, paths.decision):
         assert path.is_file(), f"{path} missing"
     assert result["stages"] == dict.fromkeys(STAGES, True)
 
@@ -181,7 +181,7 @@ def test_round_runs_five_stages_into_one_mlflow_run(round1):
     assert tags["prefect.flow_run_id"] == str(state.state_details.flow_run_id)
     for stage in STAGES:
         assert tags[f"prefdiff.stage.{stage}"] == "done"
-    for key in ("git_sha", "dvc_lock_sha256", "params_sha256", "dvc.sample.data/trajectories", "dvc.train.models/lora"):
+    for key in ("git_sha", "dvc_lock_sha256", "params_sha256", "dvc.sample.data/trajectories", "dvc.train.models/trained"):
         assert key in tags, f"lineage tag {key} missing; have {sorted(tags)}"
     assert tags["registry.version"] == "1"
 
@@ -454,7 +454,7 @@ def test_compare_methods_trains_each_method_on_the_same_data(prefect_harness, tm
     assert [r["method"] for r in data["results"]] == methods
     for method in methods:
         assert f"| {method} |" in table
-        assert (ws / "comparisons" / method / "models/lora").is_dir()
+        assert (ws / "comparisons" / method / "models/trained").is_dir()
     # every method was trained on the same pairs and evaluated on the same paired samples
     assert len({r["train"]["pairs"] for r in data["results"] if r["method"] != "ddpo"}) == 1
     assert len({r["eval"]["base_mean_reward"] for r in data["results"]}) == 1

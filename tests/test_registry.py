@@ -27,7 +27,7 @@ stages:
   train:
     cmd: python -m stages.train
     outs:
-    - path: models/lora
+    - path: models/trained
       hash: md5
       md5: fedcba9876543210fedcba9876543210.dir
       size: 10
@@ -175,7 +175,7 @@ def test_lineage_tags_on_version_and_run(registry):
     head = _git(registry, "rev-parse", "HEAD")
     lin = tracking.lineage(registry)
     assert lin["git_sha"] == head  # only untracked files (mlflow.db, loras/) changed: not dirty
-    assert lin["dvc.train.models/lora"] == "fedcba9876543210fedcba9876543210.dir"
+    assert lin["dvc.train.models/trained"] == "fedcba9876543210fedcba9876543210.dir"
     assert lin["dvc.evaluate_heldout.metrics/eval.json"] == "11112222333344445555666677778888"
     assert tracking.dvc_lock_hashes(registry)["sample.data/trajectories"].endswith(".dir")
 

@@ -29,7 +29,7 @@ def test_label_stage_imports_parquet_and_diffusion_dpo_trains_on_it(tmp_path, ml
     _stage(ws, "train")
     metrics = json.loads((ws / "metrics/train.json").read_text())
     assert metrics["method"] == "diffusion_dpo" and metrics["pairs"] == 4
-    assert (ws / "models/lora/pytorch_lora_weights.safetensors").is_file()
+    assert (ws / "models/trained/pytorch_lora_weights.safetensors").is_file()
 
 
 def test_d3po_on_imported_pairs_fails_with_a_clear_message(tmp_path, mlflow_uri):

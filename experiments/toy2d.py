@@ -21,7 +21,7 @@ thread:
   of samples to the nearest centre (did mass change modes, or did samples slide off the data?); and
   Diffusion-DPO's implicit accuracy on held-out pairs.
 
-``python -m prefdiff.toy2d [--seeds 0 1 2]`` prints the numbers; tests/test_known_answer.py asserts on them.
+``python -m experiments.toy2d [--seeds 0 1 2]`` prints the numbers; tests/test_known_answer.py asserts on them.
 """
 
 from __future__ import annotations
