@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUILTIN_PREFIX = "builtin:"
-
+from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX
 
 class ParamsError(ValueError):
     """params.yaml is invalid; the message lists every offending key with its value and what is allowed."""
@@ -64,8 +63,6 @@ class ModelParams(_Section):
     @field_validator("source")
     @classmethod
     def _source(cls, v: str) -> str:
-        from prefdiff.models.tiny import BUILTIN_MODELS
-
         if v.startswith(BUILTIN_PREFIX) and v[len(BUILTIN_PREFIX) :] not in BUILTIN_MODELS:
             allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
             raise ValueError(f"unknown built-in model {v!r}; allowed: {allowed}, a hub id or a local dir")

@@ -17,9 +17,8 @@ from prefdiff.models import lora
 from prefdiff.models.loading import load_pipeline, model_fingerprint
 from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.sampling.ddim import ddim_step_with_logprob
-from prefdiff.sampling.guidance import (
-    Conditioning, default_time_ids, encode_prompts, guided_noise_pred, is_sdxl, noise_pred,
-)
+from prefdiff.models.kinds import is_sdxl
+from prefdiff.sampling.guidance import Conditioning, default_time_ids, encode_prompts, guided_noise_pred, noise_pred
 from prefdiff.sampling.sampler import SamplingConfig, latent_shape, sample_groups, seeded_noise
 from prefdiff.training.d3po import reference_log_probs, train_d3po
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from prefdiff.config import BUILTIN_PREFIX
+from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX, resolve
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -42,18 +42,16 @@ def load_pipeline(source: str, *, dtype: str = "float32", device: str = "cpu", r
     """
     from diffusers import DDIMScheduler
 
-    from prefdiff.sampling.guidance import is_sdxl
+    from prefdiff.models.kinds import is_sdxl
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype = {dtype!r}; allowed: {', '.join(DTYPES)}")
     if source.startswith(BUILTIN_PREFIX):
-        from prefdiff.models.tiny import BUILTIN_MODELS, build_builtin
-
         name = source[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_MODELS:
             allowed = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
             raise ValueError(f"model.source = {source!r}: unknown built-in model; allowed: {allowed}")
-        pipe = build_builtin(name)
+        pipe = resolve(BUILTIN_MODELS[name])()  # fp32 on the CPU, identical on every call
         if dtype != "float32":
             pipe = pipe.to(dtype=DTYPES[dtype])
     else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 
-BUILTIN_MODELS = ("tiny-sd", "tiny-sdxl")
 
 # SD 1.5's scheduler config (its scheduler_config.json): scaled-linear betas, "leading" spacing with
 # steps_offset=1, so 20 DDIM steps visit t = 951, 901, ..., 1.
@@ -110,14 +109,6 @@ def _tiny_text_config(tokenizer, hidden_size: int, **extra):
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
-
-
-def build_builtin(name: str):
-    """The built-in pipeline ``name`` (one of ``BUILTIN_MODELS``), fp32 on the CPU."""
-    builders = {"tiny-sd": build_tiny_pipeline, "tiny-sdxl": build_tiny_sdxl_pipeline}
-    if name not in builders:
-        raise ValueError(f"unknown built-in model {name!r}; allowed: {', '.join(BUILTIN_MODELS)}")
-    return builders[name]()
 
 
 def build_tiny_pipeline():

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prefdiff.models.kinds import config_get, is_sdxl
+
 
 @dataclass(frozen=True)
 class Conditioning:
@@ -126,22 +128,6 @@ class Conditioning:
         return kwargs
 
 
-def _config_get(config, key, default=None):
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        return config.get(key, default)
-    return getattr(config, key, default)
-
-
-def is_sdxl(pipe) -> bool:
-    """An SDXL pipeline: two text encoders and a UNet conditioned on pooled text + time ids."""
-    unet = getattr(pipe.unet, "module", pipe.unet)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return True
-    return _config_get(unet.config, "addition_embed_type") == "text_time"
-
-
 def image_size(pipe) -> tuple[int, int]:
     """The pipeline's native image size in pixels (h, w): UNet sample size x VAE scale factor."""
     size = getattr(pipe.unet, "module", pipe.unet).config.sample_size
@@ -207,7 +193,7 @@ def encode_prompts(pipe, prompts: list[str], *, time_ids: torch.Tensor | None = 
         raise ValueError("SDXL pipeline without a CLIPTextModelWithProjection encoder: no pooled text embedding")
     embeds = torch.cat(hidden, dim=-1).to(pairs[-1][1].dtype)
     pooled = pooled.to(embeds.dtype)
-    if _config_get(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False):
+    if config_get(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", False):
         empty = torch.tensor([p == "" for p in prompts], device=embeds.device)
         if bool(empty.any()):
             embeds = torch.where(empty[:, None, None], torch.zeros_like(embeds), embeds)
@@ -267,5 +253,5 @@ def noise_pred(unet, latents: torch.Tensor, timesteps: torch.Tensor, cond: Condi
 
 
 __all__ = [
-    "Conditioning", "default_time_ids", "encode_prompts", "guided_noise_pred", "image_size", "is_sdxl", "noise_pred",
+    "Conditioning", "default_time_ids", "encode_prompts", "guided_noise_pred", "image_size", "noise_pred",
 ]

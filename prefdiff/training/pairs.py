@@ -29,7 +29,8 @@ from PIL import Image
 
 from prefdiff.config import Params
 from prefdiff.data.preferences import ImagePair, PreferenceStore
-from prefdiff.sampling.guidance import Conditioning, default_time_ids, encode_prompts, is_sdxl, noise_pred
+from prefdiff.models.kinds import is_sdxl
+from prefdiff.sampling.guidance import Conditioning, default_time_ids, encode_prompts, noise_pred
 from prefdiff.training.losses import diffusion_dpo_loss, per_sample_mse, reward_weighted_loss, sft_loss
 from prefdiff.training.setup import CheckpointedRun, TrainableUNet, TrainSummary, rng, steps_per_epoch
 
