@@ -48,7 +48,7 @@ def _setup(args):
 
 
 def prefdiff_step(pipe, params, chain, embeds, uncond, optimizer, ref_logp, pairs, steps) -> None:
-    from prefdiff.training.d3po import step_log_probs
+    from prefdiff.training.trajectory import step_log_probs
     from prefdiff.training.losses import d3po_loss
 
     timesteps = pipe.scheduler.timesteps.cpu().long()
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from prefdiff.models.lora import adapters_disabled
     from prefdiff.sampling.sampler import SamplingConfig
-    from prefdiff.training.d3po import reference_log_probs
+    from prefdiff.training.trajectory import reference_log_probs
 
     pipe, params, chain, embeds, uncond, optimizer = _setup(args)
     device = pipe.unet.device

@@ -174,10 +174,10 @@ def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, judge, p
     else:
         trajectories, prefs = heldout_pairs(params, paths, pipe, judge, progress)
     out: dict[str, Any] = {"pairs_source": str(ep.implicit_pairs or "sampled held-out groups"),
-                           "dpo_beta": tp.official_dpo_beta}
+                           "dpo_beta": tp.diffusion_dpo.official_beta}
     image_pairs = prefs.image_pairs(trajectories)
     if image_pairs:
-        out |= elbo_implicit_accuracy(pipe, trained, image_pairs, beta=tp.official_dpo_beta, draws=ep.implicit_draws,
+        out |= elbo_implicit_accuracy(pipe, trained, image_pairs, beta=tp.diffusion_dpo.official_beta, draws=ep.implicit_draws,
                                       seed=ep.seed, batch_size=ep.batch_size).as_dict()
     if trajectories is not None and prefs.training_pairs():
         out |= trajectory_implicit_accuracy(pipe, trained, trajectories, prefs.training_pairs(),

@@ -71,7 +71,7 @@ def elbo_implicit_accuracy(pipe, trained: Path, pairs: Sequence, *, beta: float 
     batch, draw), so the trained and base passes see identical x_t, t and eps.
     """
     from prefdiff.models.finetuned import trained_weights
-    from prefdiff.training.pairs import PairBatchBuilder
+    from prefdiff.training.images import PairBatchBuilder
 
     builder = PairBatchBuilder(pipe, pairs, device=pipe.unet.device, empty_prompt_prob=0.0)
     batches = [torch.arange(i, min(i + batch_size, len(pairs))) for i in range(0, len(pairs), batch_size)]
@@ -95,7 +95,7 @@ def trajectory_implicit_accuracy(pipe, trained: Path, trajectories, pairs: Seque
     from prefdiff.models.finetuned import trained_weights
     from prefdiff.sampling.guidance import encode_prompts
     from prefdiff.sampling.sampler import SamplingConfig
-    from prefdiff.training.d3po import reference_log_probs
+    from prefdiff.training.trajectory import reference_log_probs
 
     ids = sorted({i for p in pairs for i in (p.winner, p.loser)})
     row = {image_id: r for r, image_id in enumerate(ids)}

@@ -19,10 +19,20 @@ BUILTIN_MODELS: dict[str, str] = {
 }
 
 
+# train.method = <name>: a ``prefdiff.training.fit.Method`` subclass (its options: train.<name>, see config).
+TRAIN_METHODS: dict[str, str] = {
+    "d3po": "prefdiff.training.methods.d3po:D3PO",
+    "diffusion_dpo": "prefdiff.training.methods.diffusion_dpo:DiffusionDPO",
+    "sft": "prefdiff.training.methods.sft:SFT",
+    "reward_weighted": "prefdiff.training.methods.reward_weighted:RewardWeighted",
+    "ddpo": "prefdiff.training.methods.ddpo:DDPO",
+}
+
+
 def resolve(spec: str) -> Any:
     """The object a ``"module:attribute"`` entry names (imports the module)."""
     module, _, attribute = spec.partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 
-__all__ = ["BUILTIN_MODELS", "BUILTIN_PREFIX", "resolve"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_PREFIX", "TRAIN_METHODS", "resolve"]

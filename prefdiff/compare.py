@@ -35,14 +35,13 @@ def train_and_evaluate(params: Params, paths: Paths, method: str, *, progress: C
                        log_metrics: Callable[[dict[str, float], int], None] | None = None) -> dict[str, Any]:
     """Train ``method`` on the workspace's labeled data and evaluate it; returns train + eval metrics."""
     from evaluation.evaluate import evaluate_lora
-    from prefdiff.training.run import train_method
+    from prefdiff.training.fit import fit
 
     mparams = params.for_method(method)
     out = method_paths(paths, method)
     progress(f"== {method}: training on {paths.preferences}")
-    summary = train_method(mparams, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
-                           lora_out=out.trained, checkpoint_dir=out.checkpoints, log_metrics=log_metrics,
-                           progress=progress)
+    summary = fit(mparams, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
+                  out_dir=out.trained, checkpoint_dir=out.checkpoints, log_metrics=log_metrics, progress=progress)
     atomic_write_json(out.train_metrics, summary.metrics())
     progress(f"== {method}: evaluating against the base")
     result = evaluate_lora(mparams, out.trained, out, progress=progress)

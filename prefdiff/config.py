@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX
+from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX, TRAIN_METHODS
+
 
 class ParamsError(ValueError):
     """params.yaml is invalid; the message lists every offending key with its value and what is allowed."""
@@ -125,16 +127,99 @@ class LabelParams(_Section):
         return v
 
 
-TRAIN_METHODS = ("d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo")
-# Methods that learn from the sampled trajectories (per-step log-probs) rather than from final images.
-TRAJECTORY_METHODS = ("d3po", "ddpo")
+class D3POParams(_Section):
+    """D3PO (Yang et al. Eq. 14) on the sampled trajectories."""
+
+    beta: float = Field(0.1, gt=0.0)  # DPO temperature
+    clip_eps: float = Field(0.1, gt=0.0, lt=1.0)  # ratio pi_theta / pi_ref clipped to [1-eps, 1+eps]
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*T) permuted steps
+
+
+class DiffusionDPOParams(_Section):
+    """Diffusion-DPO (Wallace et al. Eq. 14) on final images.
+
+    ``beta`` is read in the OFFICIAL convention z = -(beta/2)[(m_w - m_l) - (r_w - r_l)]
+    (SalesforceAIResearch/DiffusionDPO, paper beta = 5000); ``beta_convention: diffusers`` takes the value as
+    diffusers' SD1.5 script's beta (no 1/2: official = 2 x diffusers, so diffusers' 2500 is our 5000).
+    """
+
+    beta: float = Field(5000.0, gt=0.0)
+    beta_convention: Literal["official", "diffusers"] = "official"
+    empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)  # per pair, both halves get "" (official: 0.2)
+
+    @property
+    def official_beta(self) -> float:
+        """beta in the official convention (the one the loss is written in)."""
+        return self.beta * (2.0 if self.beta_convention == "diffusers" else 1.0)
+
+
+class SFTParams(_Section):
+    """Denoising loss on the preferred images only (official Diffusion-DPO ``--sft``)."""
+
+    empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class RewardWeightedParams(_Section):
+    """Denoising loss of both images weighted by batch * softmax(score / temperature) (mean 1)."""
+
+    temperature: float = Field(1.0, gt=0.0)
+    empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class DDPOParams(_Section):
+    """DDPO: PPO-clipped policy gradient on the sampling-time log-probs (DDPO defaults 1e-4 and 5)."""
+
+    clip_range: float = Field(1e-4, gt=0.0, lt=1.0)  # PPO ratio clip
+    adv_clip_max: float = Field(5.0, gt=0.0)  # advantages clipped to +-this
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*T) permuted steps
+
+
+class NoMethodParams(_Section):
+    """The section of a method registered in ``prefdiff.catalog.TRAIN_METHODS`` that has no options."""
+
+
+# train.<method>: the options of each built-in method. A method registered in the catalog without an entry
+# here has no options (``NoMethodParams``).
+METHOD_SECTIONS: dict[str, type[_Section]] = {
+    "d3po": D3POParams, "diffusion_dpo": DiffusionDPOParams, "sft": SFTParams,
+    "reward_weighted": RewardWeightedParams, "ddpo": DDPOParams,
+}
+
+# Flat keys of the one-section train schema -> their key in the method sections (the error names the new place).
+MOVED_TRAIN_KEYS: dict[str, tuple[str, ...]] = {
+    "beta": ("d3po.beta",),
+    "clip_eps": ("d3po.clip_eps",),
+    "timestep_fraction": ("d3po.timestep_fraction", "ddpo.timestep_fraction"),
+    "dpo_beta": ("diffusion_dpo.beta",),
+    "dpo_beta_convention": ("diffusion_dpo.beta_convention",),
+    "empty_prompt_prob": ("diffusion_dpo.empty_prompt_prob", "sft.empty_prompt_prob",
+                          "reward_weighted.empty_prompt_prob"),
+    "reward_temperature": ("reward_weighted.temperature",),
+    "ddpo_clip_range": ("ddpo.clip_range",),
+    "ddpo_adv_clip_max": ("ddpo.adv_clip_max",),
+}
+
+
+def moved_key_message(key: str, method: Any, prefix: str) -> str:
+    """``train.beta moved to train.d3po.beta``: the chosen method's new key when it has one, else every one."""
+    places = MOVED_TRAIN_KEYS[key]
+    chosen = [p for p in places if p.split(".")[0] == method]
+    return f"{prefix}.{key} moved to " + " / ".join(f"{prefix}.{p}" for p in chosen or places)
 
 
 class TrainParams(_Section):
+    """The train section: keys every method shares, and one section of options per method.
+
+    ``method`` picks the section that is used (``method_params``); every section present is validated,
+    so params.yaml can hold them all and ``dvc exp run -S train.method=sft`` switches without editing.
+    ``in_use()`` is what the output depends on (the DVC train stage's params, the checkpoint fingerprint).
+    """
+
     # d3po: D3PO Eq. 14 on trajectories; diffusion_dpo: Diffusion-DPO Eq. 14 on final images; sft: denoising
     # loss on preferred images only; reward_weighted: denoising loss weighted by the judge's score; ddpo:
-    # PPO-clipped policy gradient on the sampling-time log-probs with per-prompt advantages.
-    method: Literal["d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo"] = "d3po"
+    # PPO-clipped policy gradient on the sampling-time log-probs with per-prompt advantages. Any name of
+    # prefdiff.catalog.TRAIN_METHODS.
+    method: str = "d3po"
     finetune: Literal["lora", "full"] = "lora"  # full: every UNet weight trains (reference = a frozen copy)
     # AdamW (paper Table 2: lr 3e-5, betas 0.9/0.999, weight decay 1e-4, eps 1e-8).
     lr: float = Field(3e-5, gt=0.0, le=1.0)
@@ -143,12 +228,13 @@ class TrainParams(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
+    optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
+    scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
+    lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(1, ge=1)  # preference pairs per optimizer micro-batch
+    batch_size: int = Field(1, ge=1)  # training items (pairs, or images for ddpo) per optimizer micro-batch
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
-    beta: float = Field(0.1, gt=0.0)  # DPO temperature (D3PO Eq. 14)
-    clip_eps: float = Field(0.1, gt=0.0, lt=1.0)  # ratio clipped to [1-eps, 1+eps]
-    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*T) permuted steps
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float = Field(4.0, gt=0.0)
     # "base": the base UNet with adapters disabled; "previous_round": the frozen adapter weights the
@@ -156,25 +242,31 @@ class TrainParams(_Section):
     reference: Literal["base", "previous_round"] = "base"
     init_lora: str | None = None  # a diffusers-format LoRA dir to start from
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    # Diffusion-DPO (Wallace et al. Eq. 14). dpo_beta is read in the OFFICIAL convention
-    # z = -(beta/2)[(m_w - m_l) - (r_w - r_l)] (SalesforceAIResearch/DiffusionDPO, paper beta = 5000);
-    # dpo_beta_convention: diffusers takes the value as diffusers' SD1.5 script's beta (no 1/2: official =
-    # 2 x diffusers, so diffusers' 2500 is our 5000).
-    dpo_beta: float = Field(5000.0, gt=0.0)
-    dpo_beta_convention: Literal["official", "diffusers"] = "official"
-    empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)  # per pair, both halves get "" (official: 0.2)
-    # reward_weighted: weights = batch * softmax(score / temperature) (non-negative, mean 1)
-    reward_temperature: float = Field(1.0, gt=0.0)
-    # ddpo: PPO ratio clip and advantage clip (DDPO defaults 1e-4 and 5)
-    ddpo_clip_range: float = Field(1e-4, gt=0.0, lt=1.0)
-    ddpo_adv_clip_max: float = Field(5.0, gt=0.0)
-    optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
-    scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
-    lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
     checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
-    snapshot_every_epochs: int = Field(1, ge=1)  # LoRA snapshots for the evaluate reward curve
+    snapshot_every_epochs: int = Field(1, ge=1)  # weight snapshots for the evaluate reward curve
     seed: int = Field(0, ge=0)
+    d3po: D3POParams = D3POParams()
+    diffusion_dpo: DiffusionDPOParams = DiffusionDPOParams()
+    sft: SFTParams = SFTParams()
+    reward_weighted: RewardWeightedParams = RewardWeightedParams()
+    ddpo: DDPOParams = DDPOParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [k for k in MOVED_TRAIN_KEYS if k in data]
+            if moved:
+                raise PydanticCustomError("moved_key", "; ".join(
+                    moved_key_message(k, data.get("method"), "train") for k in moved))
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in TRAIN_METHODS:
+            raise ValueError(f"unknown method {v!r}; allowed: {', '.join(TRAIN_METHODS)}")
+        return v
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -192,13 +284,14 @@ class TrainParams(_Section):
         return self
 
     @property
-    def official_dpo_beta(self) -> float:
-        """dpo_beta in the official convention (the one the loss is written in)."""
-        return self.dpo_beta * (2.0 if self.dpo_beta_convention == "diffusers" else 1.0)
+    def method_params(self) -> _Section:
+        """The chosen method's section (``train.<method>``)."""
+        return getattr(self, self.method) if self.method in METHOD_SECTIONS else NoMethodParams()
 
-    @property
-    def uses_trajectories(self) -> bool:
-        return self.method in TRAJECTORY_METHODS
+    def in_use(self) -> dict[str, Any]:
+        """The shared keys and the chosen method's section: all that changes what this run trains."""
+        shared = self.model_dump(exclude=set(METHOD_SECTIONS))
+        return {**shared, self.method: self.method_params.model_dump()}
 
 
 class EvaluateParams(_Section):
@@ -258,10 +351,18 @@ class RegisterParams(_Section):
 class CompareParams(_Section):
     """``make compare`` / the ``compare-methods`` flow: several methods on the same labeled data."""
 
-    methods: list[Literal["d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo"]] = Field(
-        default_factory=lambda: ["d3po", "diffusion_dpo", "sft", "reward_weighted"], min_length=1)
-    # Per-method train keys layered over the train section (each method has its own scale of lr/beta).
+    methods: list[str] = Field(default_factory=lambda: ["d3po", "diffusion_dpo", "sft", "reward_weighted"],
+                               min_length=1)
+    # Per method, a partial train section in the train schema (shared keys and the method's own section),
+    # deep-merged over train: each method has its own scale of lr/beta.
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        for name in v:
+            TrainParams._method(name)
+        return v
 
     @model_validator(mode="after")
     def _check_overrides(self) -> CompareParams:
@@ -269,6 +370,10 @@ class CompareParams(_Section):
         if unknown:
             raise ValueError(f"overrides for unknown methods {unknown}; allowed: {', '.join(TRAIN_METHODS)}")
         for method, keys in self.overrides.items():
+            moved = [k for k in MOVED_TRAIN_KEYS if k in keys]
+            if moved:
+                raise PydanticCustomError("moved_key", "; ".join(
+                    moved_key_message(k, method, f"compare.overrides.{method}") for k in moved))
             bad = sorted(set(keys) - set(TrainParams.model_fields) | ({"method"} & set(keys)))
             if bad:
                 raise ValueError(f"overrides.{method}: keys {bad} are not train keys (method is set by the list)")
@@ -296,20 +401,30 @@ class Params(_Section):
     @model_validator(mode="after")
     def _compare_overrides_valid(self) -> Params:
         for method in self.compare.overrides:  # fail at load time, not after an hour of training
-            train = {**self.train.model_dump(), **self.compare.overrides[method], "method": method}
             try:
-                TrainParams.model_validate(train)
+                self._train_for(method)
             except ValidationError as err:
-                raise ValueError(_format_errors(err, f"compare.overrides.{method} over train")) from None
+                raise ValueError(_format_errors(err, f"compare.overrides.{method} over train", TrainParams)) from None
         return self
 
+    def _train_for(self, method: str) -> TrainParams:
+        train = merged(self.train.model_dump(), self.compare.overrides.get(method, {}))
+        return TrainParams.model_validate({**train, "method": method})
+
     def for_method(self, method: str) -> Params:
-        """These params with ``train.method = method`` and ``compare.overrides[method]`` applied (validated)."""
-        train = {**self.train.model_dump(), **self.compare.overrides.get(method, {}), "method": method}
+        """These params with ``train.method = method`` and ``compare.overrides[method]`` deep-merged over train."""
         try:
-            return self.model_copy(update={"train": TrainParams.model_validate(train)})
+            return self.model_copy(update={"train": self._train_for(method)})
         except ValidationError as err:
-            raise ParamsError(_format_errors(err, f"compare.overrides.{method} over train")) from None
+            raise ParamsError(_format_errors(err, f"compare.overrides.{method} over train", TrainParams)) from None
+
+
+def merged(base: dict, overrides: dict) -> dict:
+    """``overrides`` deep-merged over ``base``: nested mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
 
 
 def _check_prompt_set(name: str) -> str:
@@ -319,17 +434,20 @@ def _check_prompt_set(name: str) -> str:
     return check_prompt_set_name(name)
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, root: Any = None) -> str:
     lines = [f"{source}: {err.error_count()} invalid value(s)"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            model: Any = Params  # walk to the (possibly nested) section that holds the unknown key
+            model: Any = root or Params  # walk to the (possibly nested) section that holds the unknown key
             for part in e["loc"][:-1]:
                 field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
                 model = field.annotation if field is not None else model
             allowed = ", ".join(model.model_fields)
             lines.append(f"  {key}: unknown key; allowed keys here: {allowed}")
+            continue
+        if e["type"] == "moved_key":  # the message names the old key and its new place
+            lines.append(f"  {e['msg']}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key} = {e.get('input')!r}: {msg}")

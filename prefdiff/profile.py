@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from prefdiff.config import ParamsError, parse_params
+from prefdiff.config import ParamsError, merged, parse_params
 from prefdiff.paths import REPO_ROOT
 
 PROFILES_DIR = REPO_ROOT / "profiles"
@@ -28,13 +28,6 @@ def load_profile(name: str) -> dict:
     if not path.is_file():
         raise ParamsError(f"unknown profile {name!r}; allowed: {', '.join(profile_names())}")
     return yaml.safe_load(path.read_text()) or {}
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
 
 
 def set_args(overrides: dict, prefix: str = "") -> list[str]:

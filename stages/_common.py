@@ -31,7 +31,11 @@ def load_or_exit(paths: Paths) -> Params:
 
 
 def flatten(prefix: str, section: dict[str, Any]) -> dict[str, Any]:
-    return {f"{prefix}.{k}": v for k, v in section.items()}
+    """Dotted keys of a (nested) params section: ``train.d3po.beta``."""
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        out |= flatten(f"{prefix}.{key}", value) if isinstance(value, dict) and value else {f"{prefix}.{key}": value}
+    return out
 
 
 @contextmanager

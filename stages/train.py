@@ -1,6 +1,6 @@
 """Stage ``train``: the method ``train.method`` names (D3PO, Diffusion-DPO, SFT, reward-weighted, DDPO).
 
-Reads params ``model``, ``sampling``, ``train``; reads ``data/trajectories`` and ``data/preferences``;
+Reads params ``model``, ``sampling``, ``train`` (its shared keys and ``train.<method>``); reads ``data/trajectories`` and ``data/preferences``;
 writes ``models/trained`` (final LoRA, or the full UNet under ``unet/``, plus epoch snapshots),
 ``metrics/train.json``, ``plots/train.csv``; keeps resumable checkpoints in ``models/checkpoints``
 (persistent: an interrupted run resumes).
@@ -15,12 +15,11 @@ def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
-    from prefdiff.training.run import train_method
+    from prefdiff.training.fit import fit
 
     with tracked("train", params, paths, ("train",)) as log_metrics:
-        summary = train_method(params, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
-                               lora_out=paths.trained, checkpoint_dir=paths.checkpoints, log_metrics=log_metrics,
-                               progress=say)
+        summary = fit(params, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
+                      out_dir=paths.trained, checkpoint_dir=paths.checkpoints, log_metrics=log_metrics, progress=say)
         paths.train_plot.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.parent.mkdir(parents=True, exist_ok=True)
         fields = list(summary.curve[0]) if summary.curve else ["step"]

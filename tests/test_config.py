@@ -16,7 +16,7 @@ def test_shipped_params_are_valid():
     params = load_params(REPO / "params.yaml")
     assert params.model.source == "builtin:tiny-sd"
     assert (params.sampling.num_steps, params.sampling.eta, params.sampling.guidance_scale) == (20, 1.0, 5.0)
-    assert (params.train.beta, params.train.clip_eps, params.train.max_grad_norm) == (0.1, 0.1, 1.0)
+    assert (params.train.d3po.beta, params.train.d3po.clip_eps, params.train.max_grad_norm) == (0.1, 0.1, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -87,6 +87,9 @@ def test_params_yaml_lists_every_key():
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     for section, field in Params.model_fields.items():
         assert set(data[section]) == set(field.annotation.model_fields), section
+    for method, field in Params.model_fields["train"].annotation.model_fields.items():
+        if hasattr(field.annotation, "model_fields"):  # a method's section
+            assert set(data["train"][method]) == set(field.annotation.model_fields), method
     assert set(data["label"]["pickapic"]) == set(Params.model_fields["label"].annotation.model_fields["pickapic"]
                                                  .annotation.model_fields)
 
@@ -98,14 +101,14 @@ def test_diffusion_dpo_profiles_are_paper_faithful(name, optimizer, capsys):
     import yaml
 
     from prefdiff.profile import load_profile, main, merged
-    from prefdiff.training.setup import effective_lr
+    from prefdiff.training.trainable import effective_lr
 
     repo = Path(__file__).resolve().parents[1]
     params = parse_params(merged(yaml.safe_load((repo / "params.yaml").read_text()), load_profile(name)))
     tp = params.train
-    assert tp.method == "diffusion_dpo" and tp.official_dpo_beta == 5000.0 and tp.finetune == "full"
+    assert tp.method == "diffusion_dpo" and tp.diffusion_dpo.official_beta == 5000.0 and tp.finetune == "full"
     assert effective_lr(tp, num_processes=1) == pytest.approx(2.048e-5)  # 1e-8 x 2048 pairs per step
-    assert tp.lr_warmup_fraction == 0.25 and tp.optimizer == optimizer and tp.empty_prompt_prob == 0.2
+    assert tp.lr_warmup_fraction == 0.25 and tp.optimizer == optimizer and tp.method_params.empty_prompt_prob == 0.2
     assert params.label.source == "pickapic"
     assert main([name, "--params", str(repo / "params.yaml")]) == 0
     args = capsys.readouterr().out.split()  # word-splits as `$(python -m prefdiff.profile ...)` does

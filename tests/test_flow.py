@@ -441,7 +441,7 @@ def test_compare_methods_trains_each_method_on_the_same_data(prefect_harness, tm
     methods = ["d3po", "diffusion_dpo", "sft", "reward_weighted"]
     overrides = {**TINY_OVERRIDES, "evaluate": {**TINY_OVERRIDES["evaluate"], "implicit_accuracy": False,
                                                 "reward_curve": False},
-                 "compare": {"methods": methods, "overrides": {"diffusion_dpo": {"lr": 0.001, "dpo_beta": 500.0}}}}
+                 "compare": {"methods": methods, "overrides": {"diffusion_dpo": {"lr": 0.001, "diffusion_dpo": {"beta": 500.0}}}}}
     with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db") as uri:
         ws = make_workspace(tmp_path / "ws", overrides)
         result = compare_methods(repo=str(ws))
@@ -456,7 +456,7 @@ def test_compare_methods_trains_each_method_on_the_same_data(prefect_harness, tm
         assert f"| {method} |" in table
         assert (ws / "comparisons" / method / "models/trained").is_dir()
     # every method was trained on the same pairs and evaluated on the same paired samples
-    assert len({r["train"]["pairs"] for r in data["results"] if r["method"] != "ddpo"}) == 1
+    assert len({r["train"]["items"] for r in data["results"] if r["method"] != "ddpo"}) == 1
     assert len({r["eval"]["base_mean_reward"] for r in data["results"]}) == 1
     assert sorted(r.data.tags["prefdiff.method"] for r in children) == sorted(methods)
     # the same metric names in every child run, so the MLflow UI lines them up

@@ -15,9 +15,9 @@ from prefdiff.models.finetuned import is_full_unet, trained_weights
 from prefdiff.models.loading import load_pipeline
 from prefdiff.models.lora import LORA_WEIGHT_NAME
 from prefdiff.sampling.dataset import sample_dataset
-from prefdiff.training.pairs import PairBatchBuilder, train_pairs
-from prefdiff.training.run import train_method
-from prefdiff.training.setup import lr_at
+from prefdiff.training.fit import fit
+from prefdiff.training.images import PairBatchBuilder
+from prefdiff.training.trainable import lr_at
 
 BASE = {
     "sample": {"num_prompts": 2, "images_per_group": 3, "batch_size": 6},
@@ -28,6 +28,11 @@ BASE = {
 
 def _params(**train):
     return parse_params({**BASE, "train": {**BASE["train"], **train}})
+
+
+def _fit(params, preferences_dir, out, **kw):
+    return fit(params, trajectories_dir=out / "no-trajectories", preferences_dir=preferences_dir,
+               out_dir=out / "trained", checkpoint_dir=out / "ckpt", progress=lambda _: None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,8 @@ def data(tmp_path_factory):
 
 def _train(data, out, params, **kw):
     root, _, _ = data
-    return train_method(params, trajectories_dir=root / "traj", preferences_dir=root / "prefs",
-                        lora_out=out / "lora", checkpoint_dir=out / "ckpt", progress=lambda _: None, **kw)
+    return fit(params, trajectories_dir=root / "traj", preferences_dir=root / "prefs", out_dir=out / "trained",
+               checkpoint_dir=out / "ckpt", progress=lambda _: None, **kw)
 
 
 def test_pairs_share_noise_and_timestep(data):
@@ -67,27 +72,27 @@ def test_empty_prompt_dropout_is_per_pair(data):
     builder = PairBatchBuilder(pipe, pairs, device=torch.device("cpu"), empty_prompt_prob=0.999)
     b = len(pairs)
     *_, cond = builder.build(torch.arange(b), torch.Generator().manual_seed(0), both=True)
-    empty = builder.table[builder.empty_row].embeds
+    empty = builder.table.empty.embeds
     assert all(torch.equal(cond.embeds[i], empty[0]) for i in range(2 * b))
 
 
 def test_diffusion_dpo_starts_at_ln2_and_learns(data, tmp_path):
-    summary = _train(data, tmp_path, _params(method="diffusion_dpo", dpo_beta=5000.0))
+    summary = _train(data, tmp_path, _params(method="diffusion_dpo", diffusion_dpo={"beta": 5000.0}))
     first = summary.curve[0]
     # LoRA B = 0: policy and reference (adapters disabled) are bit-identical at step 1
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert first["implicit_acc"] == 0.5  # every z == 0 is a tie, counted as half
     assert first["model_mse"] == first["ref_mse"]
     assert any(row["loss"] != first["loss"] for row in summary.curve[1:])
-    lora = load_file(str(tmp_path / "lora" / LORA_WEIGHT_NAME))
+    lora = load_file(str(tmp_path / "trained" / LORA_WEIGHT_NAME))
     assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in lora.items())
-    assert (tmp_path / "lora" / "snapshots" / "epoch-0002").is_dir()
+    assert (tmp_path / "trained" / "snapshots" / "epoch-0002").is_dir()
 
 
 def test_beta_conventions_train_identically(data, tmp_path):
-    a = _train(data, tmp_path / "official", _params(method="diffusion_dpo", dpo_beta=4000.0, epochs=1))
-    b = _train(data, tmp_path / "diffusers", _params(method="diffusion_dpo", dpo_beta=2000.0,
-                                                      dpo_beta_convention="diffusers", epochs=1))
+    a = _train(data, tmp_path / "official", _params(method="diffusion_dpo", diffusion_dpo={"beta": 4000.0}, epochs=1))
+    b = _train(data, tmp_path / "diffusers", _params(method="diffusion_dpo", epochs=1,
+                                                      diffusion_dpo={"beta": 2000.0, "beta_convention": "diffusers"})))
     assert [r["loss"] for r in a.curve] == [r["loss"] for r in b.curve]
 
 
@@ -95,11 +100,11 @@ def test_pair_trainer_resumes_to_the_same_adapter(data, tmp_path):
     params = _params(method="diffusion_dpo", checkpoint_every=1)
     _train(data, tmp_path / "full", params)
     partial = _train(data, tmp_path / "resumed", params, stop_after_steps=1)
-    assert partial.steps == 1 and not (tmp_path / "resumed" / "lora").exists()
+    assert partial.steps == 1 and not (tmp_path / "resumed" / "trained").exists()
     resumed = _train(data, tmp_path / "resumed", params)
     assert resumed.resumed_from_step == 1
-    a = load_file(str(tmp_path / "full" / "lora" / LORA_WEIGHT_NAME))
-    b = load_file(str(tmp_path / "resumed" / "lora" / LORA_WEIGHT_NAME))
+    a = load_file(str(tmp_path / "full" / "trained" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "resumed" / "trained" / LORA_WEIGHT_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -108,13 +113,13 @@ def test_baselines_train(data, tmp_path, method):
     summary = _train(data, tmp_path, _params(method=method, epochs=1))
     assert summary.method == method and summary.steps >= 1
     assert all(math.isfinite(row["loss"]) for row in summary.curve)
-    lora = load_file(str(tmp_path / "lora" / LORA_WEIGHT_NAME))
+    lora = load_file(str(tmp_path / "trained" / LORA_WEIGHT_NAME))
     assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in lora.items())
 
 
 def test_ddpo_first_ratio_is_one(data, tmp_path):
     """At LoRA init the policy is the sampler, so every PPO ratio is 1 (to float noise): nothing clipped."""
-    summary = _train(data, tmp_path, _params(method="ddpo", epochs=1, ddpo_clip_range=1e-3))
+    summary = _train(data, tmp_path, _params(method="ddpo", epochs=1, ddpo={"clip_range": 1e-3}))
     assert summary.curve[0]["clip_frac"] == 0.0
     assert summary.curve[0]["approx_kl"] < 1e-8
 
@@ -123,7 +128,7 @@ def test_ddpo_first_ratio_is_one(data, tmp_path):
 def test_full_finetuning(data, tmp_path, method):
     summary = _train(data, tmp_path, _params(method=method, finetune="full", epochs=1, lr=1e-4))
     assert summary.curve[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = the starting UNet
-    out = tmp_path / "lora"
+    out = tmp_path / "trained"
     assert is_full_unet(out) and not (out / LORA_WEIGHT_NAME).exists()
     pipe = load_pipeline("builtin:tiny-sd")
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -141,12 +146,10 @@ def test_imported_pairs_refuse_trajectory_methods(data, tmp_path):
     write_synthetic_pickapic(parquet, default_rows())
     import_pickapic([parquet], tmp_path / "prefs", ImportConfig(resolution=64), progress=lambda _: None)
     prefs = PreferenceStore.open(tmp_path / "prefs")
-    summary = train_pairs(_params(method="diffusion_dpo", epochs=1), prefs, lora_out=tmp_path / "lora",
-                          checkpoint_dir=tmp_path / "ckpt", progress=lambda _: None)
-    assert summary.pairs == len(prefs.image_pairs()) and summary.curve[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    summary = _fit(_params(method="diffusion_dpo", epochs=1), tmp_path / "prefs", tmp_path)
+    assert summary.items == len(prefs.image_pairs()) and summary.curve[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
     with pytest.raises(Exception, match="diffusion_dpo, sft or reward_weighted"):
-        train_method(_params(method="d3po"), trajectories_dir=data[0] / "traj", preferences_dir=tmp_path / "prefs",
-                     lora_out=tmp_path / "x", checkpoint_dir=tmp_path / "y", progress=lambda _: None)
+        _fit(_params(method="d3po"), tmp_path / "prefs", tmp_path / "x")
 
 
 def test_warmup_schedule():
@@ -175,8 +178,7 @@ def test_sdxl_diffusion_dpo_step_and_micro_conditioning(tmp_path):
             assert cond.time_ids[row].tolist() == expected
     params = parse_params({"model": {"source": "builtin:tiny-sdxl"},
                            "train": {"method": "diffusion_dpo", "epochs": 1, "batch_size": 2, "lr": 0.01}})
-    summary = train_pairs(params, prefs, lora_out=tmp_path / "lora", checkpoint_dir=tmp_path / "ckpt",
-                          progress=lambda _: None)
+    summary = _fit(params, tmp_path / "prefs", tmp_path)
     assert summary.curve[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
-    lora = load_file(str(tmp_path / "lora" / LORA_WEIGHT_NAME))
+    lora = load_file(str(tmp_path / "trained" / LORA_WEIGHT_NAME))
     assert any(k.endswith("lora.up.weight") and v.abs().sum() > 0 for k, v in lora.items())

@@ -20,7 +20,8 @@ from prefdiff.sampling.ddim import ddim_step_with_logprob
 from prefdiff.models.kinds import is_sdxl
 from prefdiff.sampling.guidance import Conditioning, default_time_ids, encode_prompts, guided_noise_pred, noise_pred
 from prefdiff.sampling.sampler import SamplingConfig, latent_shape, sample_groups, seeded_noise
-from prefdiff.training.d3po import reference_log_probs, train_d3po
+from prefdiff.training.fit import fit
+from prefdiff.training.trajectory import reference_log_probs
 
 SOURCE = "builtin:tiny-sdxl"
 CFG = SamplingConfig(num_steps=5, eta=1.0, guidance_scale=5.0)
@@ -244,14 +245,14 @@ def test_sdxl_reference_log_probs_equal_the_sampling_log_probs(sdxl_data):
 def test_d3po_trains_on_sdxl(sdxl_data, tmp_path):
     params, store, prefs = sdxl_data
     assert store.index["model"]["source"] == SOURCE
-    summary = train_d3po(params, store, prefs, lora_out=tmp_path / "lora", checkpoint_dir=tmp_path / "ckpt",
-                         progress=lambda _: None)
+    summary = fit(params, trajectories_dir=store.root, preferences_dir=prefs.root, out_dir=tmp_path / "trained",
+                  checkpoint_dir=tmp_path / "ckpt", progress=lambda _: None)
     assert summary.steps >= 1
     first = summary.curve[0]
     # the first optimizer step is scored before any update: policy == reference, log-ratio 0, loss ln 2
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(first["mean_log_ratio"]) < 1e-5
-    weights = load_file(str(tmp_path / "lora" / lora.LORA_WEIGHT_NAME))
+    weights = load_file(str(tmp_path / "trained" / lora.LORA_WEIGHT_NAME))
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora.up" in k or "lora_B" in k)
 
 

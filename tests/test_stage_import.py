@@ -28,7 +28,7 @@ def test_label_stage_imports_parquet_and_diffusion_dpo_trains_on_it(tmp_path, ml
     assert index["source"]["kind"] == "images" and index["num_pairs"] == 4 and index["source"]["ties_dropped"] == 1
     _stage(ws, "train")
     metrics = json.loads((ws / "metrics/train.json").read_text())
-    assert metrics["method"] == "diffusion_dpo" and metrics["pairs"] == 4
+    assert metrics["method"] == "diffusion_dpo" and metrics["items"] == 4
     assert (ws / "models/trained/pytorch_lora_weights.safetensors").is_file()
 
 

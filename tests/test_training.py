@@ -14,7 +14,8 @@ from prefdiff.models.lora import LORA_WEIGHT_NAME, adapters_disabled
 from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.sampling.guidance import encode_prompts
 from prefdiff.sampling.sampler import SamplingConfig
-from prefdiff.training.d3po import reference_log_probs, train_d3po
+from prefdiff.training.fit import fit
+from prefdiff.training.trajectory import reference_log_probs
 
 OVERRIDES = {
     "sample": {"num_prompts": 2, "images_per_group": 3, "batch_size": 6},
@@ -33,10 +34,13 @@ def data(tmp_path_factory):
     return params, store, PreferenceStore.open(root / "prefs")
 
 
+def _fit(params, store, prefs, out, **kw):
+    return fit(params, trajectories_dir=store.root, preferences_dir=prefs.root, out_dir=out / "trained",
+               checkpoint_dir=out / "ckpt", progress=lambda _: None, **kw)
+
+
 def _train(data, out, **kw):
-    params, store, prefs = data
-    return train_d3po(params, store, prefs, lora_out=out / "lora", checkpoint_dir=out / "ckpt",
-                      progress=lambda _: None, **kw)
+    return _fit(*data, out, **kw)
 
 
 def test_reference_log_probs_of_the_base_equal_the_sampling_log_probs(data):
@@ -57,26 +61,25 @@ def test_interrupted_run_resumes_to_the_same_adapter(data, tmp_path):
     steps = 2 * -(-pairs // 3)  # 2 epochs x ceil(pairs / batch 3)
     assert full.steps == steps and len(full.curve) == steps
     partial = _train(data, tmp_path / "resumed", stop_after_steps=1)
-    assert partial.steps == 1 and not (tmp_path / "resumed" / "lora").exists()
+    assert partial.steps == 1 and not (tmp_path / "resumed" / "trained").exists()
     resumed = _train(data, tmp_path / "resumed")
     assert resumed.resumed_from_step == 1 and resumed.steps == steps
-    a = load_file(str(tmp_path / "full" / "lora" / LORA_WEIGHT_NAME))
-    b = load_file(str(tmp_path / "resumed" / "lora" / LORA_WEIGHT_NAME))
+    a = load_file(str(tmp_path / "full" / "trained" / LORA_WEIGHT_NAME))
+    b = load_file(str(tmp_path / "resumed" / "trained" / LORA_WEIGHT_NAME))
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["loss"] for r in resumed.curve] == [r["loss"] for r in full.curve]
     # training moved the adapter, and every epoch left a snapshot for the reward curve
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora.up" in k or "lora_B" in k)
-    assert sorted(p.name for p in (tmp_path / "full" / "lora" / "snapshots").iterdir()) == ["epoch-0001", "epoch-0002"]
+    assert sorted(p.name for p in (tmp_path / "full" / "trained" / "snapshots").iterdir()) == ["epoch-0001", "epoch-0002"]
 
 
 def test_checkpoint_of_other_inputs_is_not_resumed(data, tmp_path):
     _train(data, tmp_path / "run", stop_after_steps=1)
     params, store, prefs = data
     changed = parse_params({**OVERRIDES, "train": {**OVERRIDES["train"], "lr": 0.02}})
-    summary = train_d3po(changed, store, prefs, lora_out=tmp_path / "run" / "lora",
-                         checkpoint_dir=tmp_path / "run" / "ckpt", progress=lambda _: None)
+    summary = _fit(changed, store, prefs, tmp_path / "run")
     assert summary.resumed_from_step == 0
 
 
@@ -96,11 +99,9 @@ def test_previous_round_reference_is_the_adapter_the_round_starts_from(data, tmp
     params, store, prefs = data
 
     def first_step(reference: str):
-        train = {**OVERRIDES["train"], "init_lora": str(tmp_path / "round1" / "lora"), "reference": reference}
+        train = {**OVERRIDES["train"], "init_lora": str(tmp_path / "round1" / "trained"), "reference": reference}
         p = parse_params({**OVERRIDES, "train": train})
-        out = tmp_path / reference
-        return train_d3po(p, store, prefs, lora_out=out / "lora", checkpoint_dir=out / "ckpt",
-                          progress=lambda _: None, stop_after_steps=1).curve[0]
+        return _fit(p, store, prefs, tmp_path / reference, stop_after_steps=1).curve[0]
 
     # before the first update the policy IS the start adapter: log-ratio 0 against previous_round ...
     assert abs(first_step("previous_round")["mean_log_ratio"]) < 1e-5

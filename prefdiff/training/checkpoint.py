@@ -1,7 +1,9 @@
 """Resumable training checkpoints without pickle: safetensors for tensors, JSON for the rest.
 
 Layout of ``checkpoint_dir`` (replaced atomically on every save):
-- ``state.safetensors``: ``lora.<peft key>``, ``optim.<param index>.<state key>``, ``ref_logp`` [N, T]
+- ``state.safetensors``: ``weights.<key>`` (the trainable weights: LoRA or the full UNet),
+  ``optim.<param index>.<state key>``, ``precomputed.<name>`` (tensors a method computed before training,
+  such as D3PO's reference log-probs [N, T])
 - ``state.json``: fingerprint of the inputs, optimizer step, optimizer param_groups, curve so far
 
 A checkpoint whose fingerprint does not match the current inputs is ignored (and later overwritten),
@@ -25,17 +27,25 @@ STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
 @dataclass
 class Checkpoint:
     step: int
-    lora: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
     optimizer: dict
-    ref_logp: torch.Tensor
+    precomputed: dict[str, torch.Tensor]
     curve: list[dict[str, float]]
 
 
+def _with_prefix(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _under(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(f"{prefix}."): v for k, v in tensors.items() if k.startswith(f"{prefix}.")}
+
+
 def save_checkpoint(
-    checkpoint_dir: Path, *, fingerprint: str, step: int, lora_state: dict[str, torch.Tensor],
-    optimizer_state: dict, ref_logp: torch.Tensor, curve: list[dict[str, float]],
+    checkpoint_dir: Path, *, fingerprint: str, step: int, weights: dict[str, torch.Tensor],
+    optimizer_state: dict, precomputed: dict[str, torch.Tensor], curve: list[dict[str, float]],
 ) -> None:
-    tensors = {f"lora.{k}": v.contiguous() for k, v in lora_state.items()}
+    tensors = _with_prefix("weights", weights) | _with_prefix("precomputed", precomputed)
     scalars: dict[str, dict[str, float]] = {}
     for index, per_param in optimizer_state["state"].items():
         for key, value in per_param.items():
@@ -43,7 +53,6 @@ def save_checkpoint(
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(index), {})[key] = value
-    tensors["ref_logp"] = ref_logp.contiguous()
     meta = {"fingerprint": fingerprint, "step": step, "param_groups": optimizer_state["param_groups"],
             "optim_scalars": scalars, "curve": curve}
     with atomic_dir(checkpoint_dir) as tmp:
@@ -60,13 +69,12 @@ def load_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Checkpoint | None
     if meta.get("fingerprint") != fingerprint:
         return None
     tensors = load_file(str(tensor_path))
-    lora = {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+    for key, value in _under("optim", tensors).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
     for index, values in meta["optim_scalars"].items():
         state.setdefault(int(index), {}).update(values)
     optimizer = {"state": state, "param_groups": meta["param_groups"]}
-    return Checkpoint(step=meta["step"], lora=lora, optimizer=optimizer, ref_logp=tensors["ref_logp"], curve=meta["curve"])
+    return Checkpoint(step=meta["step"], weights=_under("weights", tensors), optimizer=optimizer,
+                      precomputed=_under("precomputed", tensors), curve=meta["curve"])

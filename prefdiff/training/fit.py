@@ -1,0 +1,329 @@
+"""One training loop for every method: ``fit``, and the ``Method`` interface it trains.
+
+A method (one module under ``prefdiff/training/methods/`` and one line in ``prefdiff.catalog.TRAIN_METHODS``)
+says what data it trains on, the loss of one unit and what it logs. ``fit`` owns everything around it, the
+same for every method:
+
+- the trainable UNet (LoRA or full), its reference, optimizer and lr warmup (``trainable.py``);
+- the order of the items (pairs, or images): each epoch shuffles them with a generator seeded by
+  (train.seed, epoch); an optimizer step takes ``gradient_accumulation_steps`` micro-batches of
+  ``batch_size`` items (an epoch's last step may hold fewer);
+- per micro-batch, a generator seeded by (train.seed, epoch, batch index). A timestep method (D3PO, DDPO)
+  gets one random permutation of the T denoising steps per item from it (shared by both images of a pair)
+  and trains the first ceil(f*T) permuted steps, one unit per step; any other method gets the generator
+  for its own draws (noise, t, caption dropout) in a single unit;
+- every unit back-propagates loss / (units in this optimizer step), as the official D3PO loop accumulates
+  over T x gradient accumulation; gradients are all-reduced only on the step's last backward
+  (``accelerator.no_sync``); then the gradient norm is clipped and the optimizer steps;
+- logging: per optimizer step the mean of each of the method's ``metrics`` over its units (a curve row,
+  MLflow, ``progress``);
+- checkpoints (weights, optimizer, position, the method's precomputed tensors, the curve) every
+  ``checkpoint_every`` steps, valid only for the same inputs. A run with the same inputs resumes from one
+  and ends where an uninterrupted run does: every random draw is a pure function of (seed, epoch, batch);
+- weight snapshots every ``snapshot_every_epochs`` epochs (the evaluate stage's reward curve), written
+  with the final weights under ``out_dir`` as one unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from prefdiff.catalog import TRAIN_METHODS, resolve
+from prefdiff.config import Params, TrainParams
+from prefdiff.data import DatasetError
+from prefdiff.data.atomic import atomic_dir
+from prefdiff.data.preferences import PreferenceStore
+from prefdiff.data.trajectories import TrajectoryStore
+from prefdiff.sampling.guidance import Conditioning, encode_prompts
+from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
+from prefdiff.training.trainable import TrainableUNet
+
+
+def rng(*key: int) -> torch.Generator:
+    """A CPU generator that is a pure function of the integers ``key`` (seed, epoch, batch index, ...).
+
+    Seeded from SHA-256 of the integers' 8-byte encodings: the same draws in every process and Python
+    version (``hash`` of a tuple is an implementation detail, not a stable function).
+    """
+    digest = hashlib.sha256(struct.pack(f"<{len(key)}q", *key)).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 2)
+
+
+class PromptTable:
+    """Every distinct prompt encoded once (the text encoders are frozen), the empty prompt as the last row.
+
+    ``cond`` holds len(prompts) + 1 rows on the CPU; methods index it with ``rows(prompts)``.
+    """
+
+    def __init__(self, pipe, prompts: Sequence[str]) -> None:
+        self.prompts = sorted(set(prompts))
+        self.row = {p: i for i, p in enumerate(self.prompts)}
+        self.empty_row = len(self.prompts)
+        self.cond = Conditioning.cat([encode_prompts(pipe, self.prompts), encode_prompts(pipe, [""])]).cpu()
+
+    def rows(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.row[p] for p in prompts])
+
+    @property
+    def empty(self) -> Conditioning:
+        """The unconditional branch of guidance (a dropped caption): one row."""
+        return self.cond[self.empty_row]
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one backward trains on: a micro-batch of items, its generator and, for timestep methods, the
+    denoising step of each item."""
+
+    rows: torch.Tensor  # [b] item indices
+    generator: torch.Generator  # seeded by (train.seed, epoch, batch index)
+    step_index: torch.Tensor | None  # [b] step index into the trajectory per item (timestep methods), else None
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a method is built from: the params, the trainable model and the opened datasets."""
+
+    params: Params
+    model: TrainableUNet
+    preferences: PreferenceStore
+    trajectories: TrajectoryStore | None  # None for an imported image-pair dataset
+    progress: Callable[[str], None]
+
+
+class Method:
+    """A training method for ``fit``.
+
+    A subclass declares the data it needs (``data``), what it logs (``metrics``, means over an optimizer
+    step's units, "loss" first) and whether the reference is a frozen copy of the starting UNet; its
+    constructor loads its ``items`` from the context; ``loss`` returns the loss of one unit with its metrics.
+    ``timestep_fraction`` set (not None) makes it a timestep method (see ``Unit``). ``precompute`` runs once
+    before the first update; ``fit`` stores its tensors with every checkpoint and sets ``precomputed`` to
+    them (or to those of the checkpoint a run resumes from).
+    """
+
+    data: ClassVar[Literal["trajectories", "images"]] = "images"  # trajectories: needs sampled chains
+    metrics: ClassVar[tuple[str, ...]] = ("loss",)
+    needs_reference_copy: ClassVar[bool] = False  # for LoRA previous_round / full fine-tuning references
+    item_name: ClassVar[str] = "pairs"
+
+    def __init__(self, ctx: FitContext) -> None:
+        self.ctx = ctx
+        self.items = 0
+        self.timestep_fraction: float | None = None
+        self.precomputed: dict[str, torch.Tensor] = {}
+
+    def precompute(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def describe(self) -> str:
+        """The method's options for the start-of-run line."""
+        return ""
+
+    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+@dataclass
+class TrainSummary:
+    method: str
+    steps: int
+    epochs: int
+    items: int
+    resumed_from_step: int
+    seconds: float
+    final: dict[str, float]
+    curve: list[dict[str, float]] = field(repr=False, default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "steps": self.steps, "epochs": self.epochs, "items": self.items,
+            "resumed_from_step": self.resumed_from_step, "seconds": round(self.seconds, 2), **self.extra, **self.final,
+        }
+
+
+def steps_per_epoch(items: int, tp: TrainParams) -> tuple[int, int]:
+    """(micro-batches, optimizer steps) per epoch for ``items`` training items."""
+    batches = math.ceil(items / tp.batch_size)
+    return batches, math.ceil(batches / tp.gradient_accumulation_steps)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step: its micro-batches as (batch index in the epoch, item rows) and its lr."""
+
+    epoch: int  # 0-based
+    step: int  # 1-based, over the whole run
+    epoch_done: bool  # the epoch's last optimizer step
+    micro_batches: list[tuple[int, torch.Tensor]]
+
+
+def plan_steps(items: int, tp: TrainParams, start_step: int) -> Iterator[StepPlan]:
+    """The optimizer steps after ``start_step`` (a resumed run skips those done)."""
+    batches, per_epoch = steps_per_epoch(items, tp)
+    for epoch in range(tp.epochs):
+        order = torch.randperm(items, generator=rng(tp.seed, epoch, -1))
+        for opt_index in range(per_epoch):
+            step = epoch * per_epoch + opt_index + 1
+            if step <= start_step:
+                continue
+            first = opt_index * tp.gradient_accumulation_steps
+            ids = range(first, min(first + tp.gradient_accumulation_steps, batches))
+            micro = [(b, order[b * tp.batch_size : (b + 1) * tp.batch_size]) for b in ids]
+            yield StepPlan(epoch=epoch, step=step, epoch_done=opt_index + 1 == per_epoch, micro_batches=micro)
+
+
+def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
+               timesteps: tuple[int, int] | None) -> dict[str, float]:
+    """Back-propagate every unit of one optimizer step, then step; the means of the method's metrics.
+
+    ``timesteps``: (T, steps trained per item) for a timestep method, else None.
+    """
+    units = 1 if timesteps is None else timesteps[1]
+    backwards, count = len(plan.micro_batches) * units, 0
+    sums = dict.fromkeys(method.metrics, 0.0)
+    for b_index, rows in plan.micro_batches:
+        generator = rng(seed, plan.epoch, b_index)
+        if timesteps is None:
+            steps: list[torch.Tensor | None] = [None]
+        else:
+            perms = torch.stack([torch.randperm(timesteps[0], generator=generator) for _ in range(len(rows))])
+            steps = list(perms[:, :units].T)  # per unit [b]: one step per item, shared by a pair's images
+        for step_index in steps:
+            count += 1
+            sync = nullcontext() if count == backwards else model.accelerator.no_sync(model.unet)
+            with sync:
+                loss, metrics = method.loss(Unit(rows, generator, step_index))
+                model.accelerator.backward(loss / backwards)
+            for key in sums:
+                sums[key] += metrics[key]
+    model.optimizer_step()
+    return {k: v / count for k, v in sums.items()}
+
+
+def inputs_fingerprint(params: Params, preferences: PreferenceStore, trajectories: TrajectoryStore | None) -> str:
+    """What a checkpoint is valid for: the train keys in use, the model (and sampling) params, the datasets."""
+    payload: dict[str, Any] = {"train": params.train.in_use(), "model": params.model.model_dump(),
+                               "preferences": preferences.index["pairs_sha256"]}
+    if trajectories is not None:
+        payload |= {"sampling": params.sampling.model_dump(), "trajectories": trajectories.index_sha256()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _open_data(method_cls: type[Method], name: str, trajectories_dir: Path,
+               preferences_dir: Path) -> tuple[PreferenceStore, TrajectoryStore | None]:
+    preferences = PreferenceStore.open(preferences_dir)
+    if preferences.source_kind != "trajectories":
+        if method_cls.data == "trajectories":
+            image_methods = [m for m, spec in TRAIN_METHODS.items() if resolve(spec).data == "images"]
+            raise DatasetError(
+                f"{preferences_dir}: train.method {name!r} learns from sampled trajectories, but this preference "
+                f"dataset is imported image pairs ({preferences.source_kind}); use train.method "
+                f"{', '.join(image_methods[:-1])} or {image_methods[-1]}, or label.source: judge"
+            )
+        return preferences, None
+    trajectories = TrajectoryStore.open(trajectories_dir)
+    preferences.check_trajectories(trajectories)
+    return preferences, trajectories
+
+
+def fit(
+    params: Params,
+    *,
+    trajectories_dir: Path,
+    preferences_dir: Path,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    progress: Callable[[str], None] = print,
+    stop_after_steps: int | None = None,
+) -> TrainSummary:
+    """Train ``params.train.method`` on the labeled data; write the final weights and snapshots to ``out_dir``.
+
+    ``out_dir`` gets a LoRA (``pipe.load_lora_weights(out_dir)``) or the full UNet under ``unet/``, and the
+    epoch snapshots under ``snapshots/``. ``checkpoint_dir`` holds ``state/`` (the latest resumable
+    checkpoint) and ``snapshots/``. ``stop_after_steps`` ends the run after that many optimizer steps *of
+    this call*, leaving the last checkpoint behind (to test that an interrupted run resumes to the same result).
+    """
+    tp, name = params.train, params.train.method
+    method_cls: type[Method] = resolve(TRAIN_METHODS[name])
+    preferences, trajectories = _open_data(method_cls, name, trajectories_dir, preferences_dir)
+    model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
+    method = method_cls(FitContext(params, model, preferences, trajectories, progress))
+    _, per_epoch = steps_per_epoch(method.items, tp)
+    total_steps = per_epoch * tp.epochs
+    timesteps = None
+    extra: dict[str, Any] = {}
+    if method.timestep_fraction is not None:
+        steps_total = trajectories.num_steps
+        timesteps = (steps_total, math.ceil(method.timestep_fraction * steps_total))
+        extra["timesteps_per_item"] = timesteps[1]
+
+    began = time.time()
+    fingerprint = inputs_fingerprint(params, preferences, trajectories)
+    state_dir, snapshot_dir = checkpoint_dir / "state", checkpoint_dir / "snapshots"
+    saved = load_checkpoint(state_dir, fingerprint)
+    if saved is not None:
+        model.load_weights(saved.weights)
+        model.optimizer.load_state_dict(saved.optimizer)
+        curve, start_step, method.precomputed = saved.curve, saved.step, saved.precomputed
+        progress(f"resuming from checkpoint at optimizer step {start_step}/{total_steps}")
+    else:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a stale run's state and snapshots
+        curve, start_step = [], 0
+        method.precomputed = method.precompute()
+
+    per_item = "" if timesteps is None else f", {timesteps[1]}/{timesteps[0]} timesteps per item"
+    progress(f"{name}: {method.items} {method.item_name}, {tp.epochs} epochs x {per_epoch} optimizer steps "
+             f"({total_steps} total), batch {tp.batch_size} x accumulation {tp.gradient_accumulation_steps}"
+             f"{per_item}, lr {model.base_lr:g}" + (f", {method.describe()}" if method.describe() else ""))
+
+    def summary(step: int) -> TrainSummary:
+        """Final metrics = the mean of every logged metric over the last epoch's optimizer steps."""
+        rows = [r for r in curve if r["epoch"] == curve[-1]["epoch"]] if curve else []
+        final = {k: sum(r[k] for r in rows) / len(rows) for k in method.metrics} if rows else {}
+        return TrainSummary(method=name, steps=step, epochs=tp.epochs, items=method.items,
+                            resumed_from_step=start_step, seconds=time.time() - began, final=final, curve=curve,
+                            extra=extra)
+
+    for plan in plan_steps(method.items, tp, start_step):
+        lr = model.set_lr(plan.step, total_steps)
+        means = accumulate(model, method, plan, tp.seed, timesteps)
+        epoch = plan.epoch + 1
+        curve.append({"step": plan.step, "epoch": epoch, **means, "lr": lr})
+        if log_metrics is not None:
+            log_metrics({f"train/{k}": v for k, v in means.items()}, plan.step)
+        progress(f"step {plan.step}/{total_steps} epoch {epoch}: " + " ".join(f"{k} {v:.5g}" for k, v in means.items()))
+        if plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
+            with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
+                model.save(tmp)
+        interrupted = stop_after_steps is not None and plan.step - start_step >= stop_after_steps
+        if plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted:
+            save_checkpoint(state_dir, fingerprint=fingerprint, step=plan.step, weights=model.weights(),
+                            optimizer_state=model.optimizer.state_dict(), precomputed=method.precomputed,
+                            curve=curve)
+        if interrupted:
+            return summary(plan.step)
+    # The final weights at the top of out_dir, the epoch snapshots below them, written as one unit so a
+    # crash never leaves a partial dir.
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp)
+        if snapshot_dir.is_dir():
+            shutil.copytree(snapshot_dir, tmp / "snapshots")
+    return summary(total_steps)
+
+
+__all__ = ["FitContext", "Method", "PromptTable", "TrainSummary", "Unit", "fit", "rng"]

@@ -1,0 +1,1 @@
+"""One module per training method, each a ``prefdiff.training.fit.Method`` registered in ``prefdiff.catalog``."""

@@ -1,0 +1,160 @@
+"""The trainable UNet (LoRA or full) of every method: its reference, optimizer, lr schedule and saved output.
+
+Methods (``methods/``) differ only in their data and loss; model setup, the reference policy, the optimizer
+(AdamW or Adafactor), the warmup schedule, the checkpointed weights and the saved artifact are this one
+class, so a choice such as ``train.finetune: full`` works for every method.
+
+Reference policy:
+- LoRA with ``reference: base``: the same UNet with adapters disabled, under no_grad (no second copy);
+- LoRA with ``reference: previous_round`` or ``finetune: full``: a frozen copy of the UNet as it was before
+  the first update (for D3PO the reference log-probs are precomputed before training, so no copy is kept).
+
+Output (``save``): a LoRA in the diffusers format (``pipe.load_lora_weights(dir)``), or for full fine-tuning
+the whole UNet under ``dir/unet`` (``UNet2DConditionModel.from_pretrained(dir, subfolder="unet")``, the
+layout of the released Diffusion-DPO checkpoints). ``prefdiff.models.finetuned.apply_trained`` loads either.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefdiff.config import Params, TrainParams
+from prefdiff.models import lora
+from prefdiff.models.finetuned import FULL_UNET_DIR
+
+
+def effective_lr(tp: TrainParams, num_processes: int) -> float:
+    """train.lr, times the effective batch when ``scale_lr`` (official Diffusion-DPO ``--scale_lr``)."""
+    if not tp.scale_lr:
+        return tp.lr
+    return tp.lr * tp.batch_size * tp.gradient_accumulation_steps * num_processes
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
+    """Constant lr after a linear warmup (diffusers ``constant_with_warmup``): ``step`` is the 1-based
+    optimizer step about to be taken, so step 1 uses base_lr * 0 / warmup as the official run does."""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (step - 1) / warmup_steps)
+
+
+def warmup_steps(tp: TrainParams, total_steps: int) -> int:
+    return math.ceil(tp.lr_warmup_fraction * total_steps)
+
+
+def make_optimizer(tp: TrainParams, trainable: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if tp.optimizer == "adafactor":
+        # Official Diffusion-DPO SDXL: relative_step/scale_parameter off, so the lr schedule is ours.
+        from transformers.optimization import Adafactor
+
+        return Adafactor(trainable, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         clip_threshold=1.0, weight_decay=tp.weight_decay)
+    return torch.optim.AdamW(trainable, lr=lr, betas=(tp.adam_beta1, tp.adam_beta2),
+                             weight_decay=tp.weight_decay, eps=tp.adam_eps)
+
+
+class TrainableUNet:
+    """The pipeline, its UNet prepared for training (LoRA or full), the optimizer and the reference."""
+
+    def __init__(self, params: Params, *, need_reference_copy: bool, progress=print) -> None:
+        from accelerate import Accelerator
+
+        from prefdiff.models.loading import load_pipeline
+
+        tp = params.train
+        self.tp = tp
+        self.accelerator = Accelerator(mixed_precision=tp.mixed_precision)
+        self.pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=str(self.accelerator.device),
+                                  revision=params.model.revision)
+        unet = self.pipe.unet
+        if tp.finetune == "lora":
+            if tp.init_lora:
+                trainable = lora.load_lora_for_training(unet, Path(tp.init_lora))
+            else:
+                with torch.random.fork_rng(devices=[]):  # LoRA A ~ N(0, 1/r) drawn from train.seed: reproducible
+                    torch.manual_seed(tp.seed)
+                    trainable = lora.add_lora(unet, rank=tp.lora_rank, alpha=tp.lora_alpha)
+        else:
+            trainable = []
+        # A frozen copy for references that are not "the base with adapters disabled"; taken before any
+        # update and before the trainable weights are upcast, so it is exactly the starting model.
+        copy_needed = need_reference_copy and (tp.finetune == "full" or tp.reference == "previous_round")
+        self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval() if copy_needed else None
+        if tp.finetune == "full":
+            unet.to(torch.float32)  # master weights in fp32; mixed precision autocasts the forward
+            unet.requires_grad_(True)
+            trainable = [p for p in unet.parameters() if p.requires_grad]
+        if tp.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            unet.train()  # diffusers checkpoints activations only in training mode (the UNet has no dropout)
+        self.trainable = trainable
+        self.num_trainable = sum(p.numel() for p in trainable)
+        self.base_lr = effective_lr(tp, self.accelerator.num_processes)
+        optimizer = make_optimizer(tp, trainable, self.base_lr)
+        self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.raw_unet = self.accelerator.unwrap_model(self.unet)
+        kind = f"LoRA r={tp.lora_rank}" if tp.finetune == "lora" else "full UNet"
+        progress(f"training {kind}: {self.num_trainable:,} parameters, {tp.optimizer}, lr {self.base_lr:g}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @contextmanager
+    def reference(self) -> Iterator[Any]:
+        """Yield the reference UNet for no_grad forwards; LoRA adapters are re-enabled on exit."""
+        if self.ref_unet is not None:
+            with torch.no_grad():
+                yield self.ref_unet
+        elif self.tp.finetune == "lora" and self.tp.reference == "base":
+            with lora.adapters_disabled(self.raw_unet):
+                yield self.raw_unet
+        else:  # D3PO precomputes before training: the model as it is now is the reference
+            with torch.no_grad():
+                yield self.raw_unet
+
+    def starting_reference(self):
+        """Context for a one-off reference pass before the first update (D3PO's precomputed log-probs)."""
+        if self.tp.finetune == "lora" and self.tp.reference == "base":
+            return lora.adapters_disabled(self.raw_unet)
+        return nullcontext()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Trainable weights (LoRA, or every UNet weight; detached CPU fp32 copies) for checkpoints."""
+        if self.tp.finetune == "lora":
+            return lora.lora_state_dict(self.raw_unet)
+        return {k: v.detach().float().cpu().clone() for k, v in self.raw_unet.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.tp.finetune == "lora":
+            lora.set_lora_state_dict(self.raw_unet, weights)
+        else:
+            self.raw_unet.load_state_dict(weights, strict=True)
+
+    def set_lr(self, step: int, total_steps: int) -> float:
+        lr = lr_at(step, self.base_lr, warmup_steps(self.tp, total_steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def optimizer_step(self) -> None:
+        self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, out_dir: Path) -> None:
+        """Write the trained weights into ``out_dir`` (a LoRA, or the full UNet under ``unet/``)."""
+        if self.tp.finetune == "lora":
+            lora.save_lora(self.raw_unet, out_dir)
+        else:
+            self.raw_unet.save_pretrained(out_dir / FULL_UNET_DIR, safe_serialization=True)
+
+
+__all__ = ["TrainableUNet", "effective_lr", "lr_at"]

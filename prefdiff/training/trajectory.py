@@ -1,0 +1,88 @@
+"""What the trajectory methods (D3PO, DDPO) share: the stored chains in memory and their per-step log-probs.
+
+The per-step log-prob is the guided DDIM Gaussian of the sampler (``ddim_step_with_logprob``), so a policy
+scored here is the policy that sampled the chain; D3PO and DDPO differ only in their objective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from prefdiff.data.trajectories import TrajectoryStore
+from prefdiff.sampling.ddim import ddim_step_with_logprob
+from prefdiff.sampling.guidance import Conditioning, guided_noise_pred
+from prefdiff.training.fit import PromptTable
+
+
+def step_log_probs(unet, scheduler, chain, timesteps, embeds, uncond, rows, step_index, *, guidance: float, eta: float):
+    """log pi(x_{j+1} | x_j) of images ``rows`` [n] at step indices ``step_index`` [n]: ONE guided UNet call.
+
+    chain [N, T+1, C, H, W] fp32 (CPU), timesteps [T], embeds a ``Conditioning`` of N rows (SD or SDXL),
+    uncond a 1-row ``Conditioning``. Differentiable through the UNet (the policy); wrap in no_grad /
+    adapters_disabled for the reference.
+    """
+    device = getattr(unet, "module", unet).device
+    x = chain[rows, step_index].to(device)
+    nxt = chain[rows, step_index + 1].to(device)
+    t = timesteps[step_index].to(device)
+    cond = embeds[rows].to(device)
+    eps = guided_noise_pred(unet, x, t, cond, uncond.to(device).expand_as(cond), guidance)
+    return ddim_step_with_logprob(scheduler, eps, t, x, eta=eta, prev_sample=nxt).log_prob
+
+
+@torch.no_grad()
+def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: float, batch_size: int) -> torch.Tensor:
+    """log pi_ref(x_{j+1} | x_j) for every image and step [N, T], with whatever adapter state ``pipe`` is in.
+
+    chain [N, T+1, C, H, W] fp32, timesteps [T], embeds a ``Conditioning`` of N rows, uncond of 1 row.
+    """
+    n, steps = chain.shape[0], chain.shape[1] - 1
+    out = torch.empty(n, steps)
+    flat = [(i, j) for i in range(n) for j in range(steps)]
+    for start in range(0, len(flat), batch_size):
+        ii = torch.tensor([i for i, _ in flat[start : start + batch_size]])
+        jj = torch.tensor([j for _, j in flat[start : start + batch_size]])
+        out[ii, jj] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
+                                     guidance=cfg.guidance_scale, eta=eta).cpu()
+    return out
+
+
+def check_timesteps(pipe, trajectories: TrajectoryStore, device) -> None:
+    """Set the scheduler to the trajectories' step count and refuse a mismatch (another scheduler config)."""
+    pipe.scheduler.set_timesteps(trajectories.num_steps, device=device)
+    if not torch.equal(pipe.scheduler.timesteps.cpu().long(), trajectories.timesteps):
+        raise ValueError(
+            f"{trajectories.root}: trajectories were sampled at timesteps {trajectories.timesteps.tolist()[:4]}..., "
+            f"the scheduler gives {pipe.scheduler.timesteps.tolist()[:4]}...; re-run the sample stage"
+        )
+
+
+@dataclass(frozen=True)
+class TrajectoryImages:
+    """The stored chains of some images, in memory, with their prompts' conditioning."""
+
+    chain: torch.Tensor  # [N, T+1, C, H, W] fp32, CPU
+    sampled_logp: torch.Tensor  # [N, T] log-probs at sampling time
+    timesteps: torch.Tensor  # [T]
+    embeds: Conditioning  # N rows, CPU
+    uncond: Conditioning  # 1 row: the unconditional branch of guidance
+    prompts: list[str]  # N
+
+    @classmethod
+    def load(cls, pipe, store: TrajectoryStore, image_ids: Sequence[int], device) -> TrajectoryImages:
+        check_timesteps(pipe, store, device)
+        chain, sampled_logp = store.load(list(image_ids))
+        prompts = [store.prompt_of(i) for i in image_ids]
+        table = PromptTable(pipe, prompts)
+        return cls(chain, sampled_logp, store.timesteps, table.cond[table.rows(prompts)], table.empty, prompts)
+
+    def log_probs(self, unet, scheduler, rows: torch.Tensor, step_index: torch.Tensor, sampling) -> torch.Tensor:
+        """``step_log_probs`` of these images under ``unet`` with the sampling params' guidance and eta."""
+        return step_log_probs(unet, scheduler, self.chain, self.timesteps, self.embeds, self.uncond, rows, step_index,
+                              guidance=sampling.guidance_scale, eta=sampling.eta)
+
+
+__all__ = ["TrajectoryImages", "reference_log_probs", "step_log_probs"]
