@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prefdiff.config import ParamsError, load_params, parse_params
+from prefdiff.config import METHOD_SECTIONS, ParamsError, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,3 +114,55 @@ def test_diffusion_dpo_profiles_are_paper_faithful(name, optimizer, capsys):
     args = capsys.readouterr().out.split()  # word-splits as `$(python -m prefdiff.profile ...)` does
     values = dict(a.split("=", 1) for a in args if a != "-S")
     assert yaml.safe_load(values["evaluate.scorers"]) == params.evaluate.scorers
+
+
+@pytest.mark.parametrize(
+    ("train", "line"),
+    [
+        ({"beta": 0.2}, "train.beta moved to train.d3po.beta"),
+        ({"dpo_beta": 500.0}, "train.dpo_beta moved to train.diffusion_dpo.beta"),
+        ({"dpo_beta_convention": "diffusers"}, "train.dpo_beta_convention moved to train.diffusion_dpo.beta_convention"),
+        ({"ddpo_clip_range": 0.01}, "train.ddpo_clip_range moved to train.ddpo.clip_range"),
+        ({"ddpo_adv_clip_max": 2.0}, "train.ddpo_adv_clip_max moved to train.ddpo.adv_clip_max"),
+        ({"reward_temperature": 0.5}, "train.reward_temperature moved to train.reward_weighted.temperature"),
+        ({"clip_eps": 0.2}, "train.clip_eps moved to train.d3po.clip_eps"),
+        # a key several methods have: the chosen method's place, or every place when it has none
+        ({"method": "ddpo", "timestep_fraction": 0.5}, "train.timestep_fraction moved to train.ddpo.timestep_fraction"),
+        ({"method": "sft", "empty_prompt_prob": 0.2}, "train.empty_prompt_prob moved to train.sft.empty_prompt_prob"),
+        ({"empty_prompt_prob": 0.2}, "train.empty_prompt_prob moved to train.diffusion_dpo.empty_prompt_prob / "
+                                     "train.sft.empty_prompt_prob / train.reward_weighted.empty_prompt_prob"),
+    ],
+)
+def test_old_flat_train_key_names_its_new_place(train, line):
+    with pytest.raises(ParamsError) as err:
+        parse_params({"train": train})
+    assert str(err.value).splitlines() == ["params: 1 invalid value(s)", f"  {line}"]
+
+
+def test_every_method_section_is_validated_and_only_the_chosen_one_is_in_use():
+    with pytest.raises(ParamsError, match=r"train.ddpo.clip_range = 2.0: Input should be less than 1"):
+        parse_params({"train": {"method": "d3po", "ddpo": {"clip_range": 2.0}}})
+    with pytest.raises(ParamsError, match="train.sft.beta: unknown key; allowed keys here: empty_prompt_prob"):
+        parse_params({"train": {"sft": {"beta": 1.0}}})
+    d3po = parse_params({"train": {"method": "d3po"}}).train
+    other_ddpo = parse_params({"train": {"method": "d3po", "ddpo": {"clip_range": 0.5}}}).train
+    assert d3po.method_params is d3po.d3po and d3po.in_use() == other_ddpo.in_use()  # same DVC params, same fingerprint
+    assert set(d3po.in_use()) - set(d3po.model_fields) == set() and "ddpo" not in d3po.in_use()
+    assert parse_params({"train": {"d3po": {"beta": 0.3}}}).train.in_use()["d3po"]["beta"] == 0.3
+    dpo = parse_params({"train": {"method": "diffusion_dpo", "diffusion_dpo": {"beta": 2500.0,
+                                                                              "beta_convention": "diffusers"}}}).train
+    assert dpo.method_params.official_beta == 5000.0 and set(dpo.in_use()) & set(METHOD_SECTIONS) == {"diffusion_dpo"}
+
+
+def test_compare_overrides_deep_merge_over_train():
+    params = parse_params({"train": {"lr": 0.02, "diffusion_dpo": {"beta": 5000.0, "empty_prompt_prob": 0.1}},
+                           "compare": {"overrides": {"diffusion_dpo": {"lr": 0.001, "diffusion_dpo": {"beta": 500.0}}}}})
+    tp = params.for_method("diffusion_dpo").train
+    assert (tp.method, tp.lr, tp.diffusion_dpo.beta, tp.diffusion_dpo.empty_prompt_prob) == ("diffusion_dpo", 0.001,
+                                                                                            500.0, 0.1)
+    assert params.for_method("sft").train.lr == 0.02
+    with pytest.raises(ParamsError, match="compare.overrides.diffusion_dpo.dpo_beta moved to "
+                                          "compare.overrides.diffusion_dpo.diffusion_dpo.beta"):
+        parse_params({"compare": {"overrides": {"diffusion_dpo": {"dpo_beta": 500.0}}}})
+    with pytest.raises(ParamsError, match=r"diffusion_dpo.beta = -1.0: Input should be greater than 0"):
+        parse_params({"compare": {"overrides": {"diffusion_dpo": {"diffusion_dpo": {"beta": -1.0}}}}})

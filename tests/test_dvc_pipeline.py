@@ -33,10 +33,11 @@ def test_dvc_yaml_matches_paths_params_and_code():
     for stage in spec.values():
         for dep in stage["deps"]:  # code deps exist in the repo; data deps are upstream outputs
             assert dep in declared or (REPO / dep).exists(), dep
-        for key in stage["params"]:  # a whole section, or section.key
-            section, _, name = key.partition(".")
-            assert section in Params.model_fields, key
-            assert not name or name in Params.model_fields[section].annotation.model_fields, key
+        for key in stage["params"]:  # a whole section, or section.key(.key), or the chosen train method's section
+            model = Params
+            for name in key.replace("${train.method}", "d3po").split("."):
+                assert name in model.model_fields, key
+                model = model.model_fields[name].annotation
     expected = {paths.trajectories, paths.preferences, paths.trained, paths.checkpoints, paths.eval_dir,
                 paths.train_metrics, paths.eval_metrics, paths.train_plot, paths.reward_curve_plot,
                 paths.winrate_plot, paths.scorers_plot, paths.decision}
@@ -73,3 +74,24 @@ def test_repro_runs_five_stages_then_is_a_noop_and_exp_run_reruns_downstream(tin
     assert yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"] == 0.03
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.03
+
+
+def test_train_stage_depends_on_the_chosen_methods_keys_only(tiny_workspace):
+    """After a D3PO train stage, a DDPO key leaves it up to date; a D3PO key or the method does not."""
+    ws = tiny_workspace
+    _dvc(ws, "repro", "train")
+
+    def train_status_after(**keys: dict) -> str:
+        params = yaml.safe_load((ws / "params.yaml").read_text())
+        for section, values in keys.items():
+            params["train"][section].update(values)
+        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        return _dvc(ws, "status", "train")
+
+    assert "up to date" in train_status_after(ddpo={"clip_range": 0.002, "adv_clip_max": 3.0})
+    assert "up to date" in train_status_after(diffusion_dpo={"beta": 100.0})
+    changed = train_status_after(d3po={"beta": 0.2})
+    assert "modified:" in changed and "train.d3po" in changed
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]
+    assert lock["train.d3po"] == {"beta": 0.1, "clip_eps": 0.1, "timestep_fraction": 1.0}
+    assert not any(key.startswith(("train.ddpo", "train.diffusion_dpo", "train.sft")) for key in lock)

@@ -92,7 +92,7 @@ def test_diffusion_dpo_starts_at_ln2_and_learns(data, tmp_path):
 def test_beta_conventions_train_identically(data, tmp_path):
     a = _train(data, tmp_path / "official", _params(method="diffusion_dpo", diffusion_dpo={"beta": 4000.0}, epochs=1))
     b = _train(data, tmp_path / "diffusers", _params(method="diffusion_dpo", epochs=1,
-                                                      diffusion_dpo={"beta": 2000.0, "beta_convention": "diffusers"})))
+                                                      diffusion_dpo={"beta": 2000.0, "beta_convention": "diffusers"}))
     assert [r["loss"] for r in a.curve] == [r["loss"] for r in b.curve]
 
 
