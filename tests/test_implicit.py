@@ -14,7 +14,7 @@ from prefdiff.models.loading import load_pipeline
 from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.sampling.guidance import noise_pred
 from prefdiff.training.losses import diffusion_dpo_loss, per_sample_mse
-from prefdiff.training.pairs import PairBatchBuilder
+from prefdiff.training.images import PairBatchBuilder
 
 OVERRIDES = {"sample": {"num_prompts": 3, "images_per_group": 2, "groups_per_prompt": 2, "batch_size": 12},
              "sampling": {"num_steps": 4}}

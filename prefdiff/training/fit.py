@@ -326,4 +326,4 @@ def fit(
     return summary(total_steps)
 
 
-__all__ = ["FitContext", "Method", "PromptTable", "TrainSummary", "Unit", "fit", "rng"]
+__all__ = ["FitContext", "Method", "PromptTable", "Unit", "fit", "rng"]

@@ -21,7 +21,7 @@ from PIL import Image
 
 from prefdiff.data.preferences import ImagePair
 from prefdiff.models.kinds import is_sdxl
-from prefdiff.sampling.guidance import Conditioning, default_time_ids, noise_pred
+from prefdiff.sampling.guidance import default_time_ids, noise_pred
 from prefdiff.training.fit import FitContext, Method, PromptTable, Unit
 from prefdiff.training.losses import per_sample_mse
 
