@@ -73,7 +73,7 @@ def test_repro_runs_five_stages_then_is_a_noop_and_exp_run_reruns_downstream(tin
     assert [s for s in STAGES if f"Running stage '{s}'" in exp] == ["train", "evaluate", "register"]
     assert yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"] == 0.03
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["lr"] == 0.03
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train.lr"] == 0.03  # train keys are listed one by one
 
 
 def test_train_stage_depends_on_the_chosen_methods_keys_only(tiny_workspace):
