@@ -1,8 +1,10 @@
-"""evaluation.scorers: every scorer against a hand recomputation from its tiny model's own embeddings, batch-size
+"""prefdiff.scorers: every scorer against a hand recomputation from its tiny model's own embeddings, batch-size
 invariance, exact preprocessing against a PIL reference, input handling, the registry, missing-weight errors
 and loading from local save_pretrained directories. Tiny random-weight models only; nothing is downloaded."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -10,16 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import tiny_scorers as T
-from evaluation.scorers import ScorerWeightsMissing, available, get_scorer, scorer_names, to_pil_images
-from evaluation.scorers.aesthetic import LaionAestheticScorer, load_aesthetic_head
-from evaluation.scorers.base import clip_pixel_values
-from evaluation.scorers.blip import BlipITCScorer, BlipITMScorer
-from evaluation.scorers.clip_score import CLIPCosineScorer, CLIPScorer, torchmetrics_clip_score, torchmetrics_mean
-from evaluation.scorers.hpsv2 import MANIFEST, HPSv2Scorer, HPSv2VersionMismatch, hps_pixel_values
-from evaluation.scorers.image_reward import ImageRewardModel, ImageRewardScorer
-from evaluation.scorers.jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
-from evaluation.scorers.pickscore import PickScorer
-from prefdiff.labeling.judges import jpeg_compressibility, jpeg_incompressibility
+from prefdiff.scorers import ScorerWeightsMissing, available, get_scorer, scorer_names, scores_as_decimals, to_pil_images
+from prefdiff.scorers.aesthetic import LaionAestheticScorer, load_aesthetic_head
+from prefdiff.scorers.base import clip_pixel_values
+from prefdiff.scorers.blip import BlipITCScorer, BlipITMScorer
+from prefdiff.scorers.clip_score import CLIPCosineScorer, CLIPScorer, torchmetrics_clip_score, torchmetrics_mean
+from prefdiff.scorers.hpsv2 import MANIFEST, HPSv2Scorer, HPSv2VersionMismatch, hps_pixel_values
+from prefdiff.scorers.image_reward import ImageRewardModel, ImageRewardScorer
+from prefdiff.scorers.jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
+from prefdiff.scorers.pickscore import PickScorer
 
 IMAGES = T.images()
 PROMPTS = T.PROMPTS
@@ -235,13 +236,20 @@ def test_hpsv2_by_hand(scorers, models, tok):
     assert s.name == "hpsv2.1" and s.params()["version"] == "v2.1"
 
 
-def test_jpeg_scorers_match_the_label_stage_judges(scorers):
-    for name, judge in (("jpeg_compressibility", jpeg_compressibility()),
-                        ("jpeg_incompressibility", jpeg_incompressibility())):
+def _jpeg_kb(image, quality=95):
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return len(buf.getvalue()) / 1000
+
+
+def test_jpeg_scorers_are_the_jpeg_byte_count(scorers):
+    """The JPEG scorers (also the label stage's judges) are +-(bytes of the q95 JPEG) / 1000, prompt or not."""
+    for name, sign in (("jpeg_compressibility", -1.0), ("jpeg_incompressibility", 1.0)):
         s = scorers[name]
         assert s.needs_prompt is False and s.available()[0]
-        expected = torch.tensor(judge.score(IMAGES, PROMPTS), dtype=torch.float32)
+        expected = torch.tensor([sign * _jpeg_kb(im) for im in IMAGES], dtype=torch.float32)
         assert torch.equal(s.score(IMAGES), expected) and torch.equal(s.score(IMAGES, PROMPTS), expected)
+        assert scores_as_decimals(s.score(IMAGES)) == [sign * _jpeg_kb(im) for im in IMAGES]  # exact kB
     assert (scorers["jpeg_compressibility"].score(IMAGES) < 0).all()
 
 
