@@ -317,6 +317,25 @@ def test_registry_names_and_errors():
     assert get_scorer("clip_cosine").needs_prompt and not get_scorer("aesthetic").needs_prompt
 
 
+def test_every_catalog_name_builds_the_scorer_of_that_name():
+    """prefdiff.catalog.SCORERS is the registry: each entry builds (nothing loaded) a Scorer recording that name,
+    and each alias builds its target."""
+    from prefdiff.catalog import SCORER_ALIASES, SCORERS
+    from prefdiff.scorers import Scorer, canonical_name, scorer_arguments
+
+    assert scorer_names() == sorted([*SCORERS, *SCORER_ALIASES])
+    for name in SCORERS:
+        s = get_scorer(name)
+        assert isinstance(s, Scorer) and s.name == name and canonical_name(name) == name and not s._loaded
+        assert {"device", "dtype", "batch_size", "local_files_only"} <= set(scorer_arguments(name))
+    assert SCORER_ALIASES == {"blip": "blip_itc", "aesthetic": "laion_aesthetic"}
+    for alias, target in SCORER_ALIASES.items():
+        assert canonical_name(alias) == target and get_scorer(alias).name == target
+    # the HPSv2 factories take HPSv2Scorer's own arguments, not its version
+    assert {"source", "tokenizer", "antialias", "max_length"} <= set(scorer_arguments("hpsv2.0"))
+    assert "version" not in scorer_arguments("hpsv2.1")
+
+
 # ------------------------------------------------------------------------------------------------ missing weights
 
 
