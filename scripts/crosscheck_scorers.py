@@ -199,7 +199,7 @@ def check_image_reward_and_blip(tmp: Path, which: str) -> bool:
     from prefdiff.scorers.base import clip_image_processor, clip_pixel_values
     from prefdiff.scorers.blip import load_blip_pretrain_checkpoint
     from prefdiff.scorers.image_reward import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, add_blip_special_tokens,
-                                                 load_imagereward_checkpoint)
+                                               load_imagereward_checkpoint)
 
     tok = add_blip_special_tokens(BertTokenizer(str(_bert_vocab(tmp))))
     vit, bert, mlp, proj_v, proj_t = _tiny_original_blip(len(tok))

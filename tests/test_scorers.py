@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import tiny_scorers as T
-from prefdiff.scorers import ScorerWeightsMissing, available, get_scorer, scorer_names, scores_as_decimals, to_pil_images
+from prefdiff.scorers import (ScorerWeightsMissing, available, get_scorer, scorer_names, scores_as_decimals,
+                              to_pil_images)
 from prefdiff.scorers.aesthetic import LaionAestheticScorer, load_aesthetic_head
 from prefdiff.scorers.base import clip_pixel_values
 from prefdiff.scorers.blip import BlipITCScorer, BlipITMScorer
@@ -251,6 +252,21 @@ def test_jpeg_scorers_are_the_jpeg_byte_count(scorers):
         assert torch.equal(s.score(IMAGES), expected) and torch.equal(s.score(IMAGES, PROMPTS), expected)
         assert scores_as_decimals(s.score(IMAGES)) == [sign * _jpeg_kb(im) for im in IMAGES]  # exact kB
     assert (scorers["jpeg_compressibility"].score(IMAGES) < 0).all()
+
+
+def test_jpeg_sizes_stay_exact_in_float32_below_the_bound(monkeypatch):
+    """Every size of n bytes below MAX_EXACT_KB comes back from float32 as exactly n/1000 (checked for the 4000
+    sizes just under the bound, where float32 is coarsest); just above it two sizes share a float32."""
+    from prefdiff.scorers import jpeg
+
+    below = [n / 1000 for n in range(int(jpeg.MAX_EXACT_KB * 1000) - 4000, int(jpeg.MAX_EXACT_KB * 1000))]
+    assert scores_as_decimals(torch.tensor(below, dtype=torch.float32)) == below
+    above = torch.tensor([n / 1000 for n in range(int(jpeg.MAX_EXACT_KB * 1000), int(jpeg.MAX_EXACT_KB * 1000) + 10)],
+                         dtype=torch.float32)
+    assert len(set(above.tolist())) < len(above)
+    monkeypatch.setattr(jpeg, "MAX_EXACT_KB", 1.0)  # a 64x64 noisy JPEG is several kB: over this bound
+    with pytest.raises(ValueError, match="jpeg_incompressibility: JPEG size .* kB >= 1 kB"):
+        get_scorer("jpeg_incompressibility").score([T.images(1, seed=3, sizes=[(64, 64)])[0]])
 
 
 # Scores of the same images computed in another batch composition (another batch size, a scorer reloaded from

@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from prefdiff.scorers.base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Requirement, hub_cached_file,
-                                     looks_like_path)
+                                   looks_like_path)
 from prefdiff.scorers.clip_score import CLIPFamilyScorer
 from prefdiff.scorers.convert import (ConversionReport, convert_open_clip_state_dict, load_checkpoint_file,
-                                        load_strict, unwrap_state_dict)
+                                      load_strict, unwrap_state_dict)
 
 HPSV2_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 DEFAULT_HPSV2_REPO = "xswu/HPSv2"
@@ -246,8 +246,9 @@ def _fixed_version(version: str) -> Any:
     def make(**kw: Any) -> HPSv2Scorer:
         return HPSv2Scorer(version, **kw)
 
+    own = inspect.signature(HPSv2Scorer.__init__).parameters.items()
     make.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [p for name, p in inspect.signature(HPSv2Scorer.__init__).parameters.items() if name not in ("self", "version")])
+        [p for name, p in own if name not in ("self", "version")])
     return make
 
 
