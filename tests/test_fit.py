@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 
 from prefdiff import catalog
 from prefdiff.config import ParamsError, parse_params
-from prefdiff.labeling.judges import make_judge
+from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.labeling.pairs import label_trajectories
 from prefdiff.models.lora import LORA_WEIGHT_NAME
 from prefdiff.sampling.dataset import sample_dataset
+from prefdiff.scorers import get_scorer
 from prefdiff.training.fit import Method, fit, rng
-from prefdiff.data.trajectories import TrajectoryStore
 
 TARGET, LR, T = 0.05, 0.01, 4
 OVERRIDES = {
@@ -57,7 +57,7 @@ def labeled(tmp_path_factory):
     root = tmp_path_factory.mktemp("fit")
     base = parse_params({k: v for k, v in OVERRIDES.items() if k != "train"})
     sample_dataset(base, root / "traj", progress=lambda _: None)
-    label_trajectories(TrajectoryStore.open(root / "traj"), make_judge("jpeg_compressibility"), root / "prefs",
+    label_trajectories(TrajectoryStore.open(root / "traj"), get_scorer("jpeg_compressibility"), root / "prefs",
                        progress=lambda _: None)
     return root
 
