@@ -111,3 +111,14 @@ def test_diffusion_dpo_profiles_are_paper_faithful(name, optimizer, capsys):
     args = capsys.readouterr().out.split()  # word-splits as `$(python -m prefdiff.profile ...)` does
     values = dict(a.split("=", 1) for a in args if a != "-S")
     assert yaml.safe_load(values["evaluate.scorers"]) == params.evaluate.scorers
+
+
+def test_registered_model_name_defaults_to_the_method():
+    params = load_params(REPO / "params.yaml")
+    assert params.register.model_name is None
+    assert params.register.registered_name(params.train.method) == "prefdiff-d3po"
+    assert parse_params({"train": {"method": "diffusion_dpo"}}).register.registered_name("diffusion_dpo") == \
+        "prefdiff-diffusion_dpo"
+    assert parse_params({"register": {"model_name": "mine"}}).register.registered_name("sft") == "mine"
+    with pytest.raises(ParamsError, match="register.min_win_rate_low"):
+        parse_params({"register": {"min_win_rate_low": 1.5}})

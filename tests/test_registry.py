@@ -367,7 +367,8 @@ def test_champion_is_the_evaluation_baseline(registry, tmp_path):
     ref, changed = resolve_baseline(ws.root, "champion", "champ-model")
     assert changed and (ref.kind, ref.version, ref.weights, ref.protocol) == ("champion", decision.version,
                                                                              "models/baseline", PROTOCOL)
-    assert sorted(p.name for p in ws.baseline_weights.iterdir()) == [lora_mod.LORA_WEIGHT_NAME]
+    assert sorted(p.name for p in ws.baseline_weights.iterdir()) == sorted(
+        p.name for p in champ_dir.iterdir() if p.name != "snapshots")
     assert (ws.baseline_weights / lora_mod.LORA_WEIGHT_NAME).read_bytes() == \
         (champ_dir / lora_mod.LORA_WEIGHT_NAME).read_bytes()
     assert ref.weights_sha256 == tree_sha256(ws.baseline_weights)
