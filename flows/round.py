@@ -375,8 +375,9 @@ def summarize(result: dict[str, Any], uri: str, experiment: str) -> str:
     if {"win_rate", "win_rate_low", "win_rate_high"} <= ev.keys():
         wilson = (f"; Wilson {ev['win_rate_wilson_low']:.3f} - {ev['win_rate_wilson_high']:.3f}"
                   if {"win_rate_wilson_low", "win_rate_wilson_high"} <= ev.keys() else "")
-        lines.append(f"  win-rate    : {ev['win_rate']:.3f}  (95% prompt-clustered bootstrap {ev['win_rate_low']:.3f} - "
-                     f"{ev['win_rate_high']:.3f} over {ev.get('num_prompts')} prompts{wilson}; W {ev.get('wins')} / "
+        lines.append(f"  win-rate    : {ev['win_rate']:.3f}  (95% prompt-clustered bootstrap "
+                     f"{ev['win_rate_low']:.3f} - {ev['win_rate_high']:.3f} over {ev.get('num_prompts')} prompts"
+                     f"{wilson}; W {ev.get('wins')} / "
                      f"L {ev.get('losses')} / T {ev.get('ties')} over {ev.get('num_samples')} paired samples)")
     if {"trained_mean_reward", "base_mean_reward"} <= ev.keys():
         lines.append(f"  reward      : trained {ev['trained_mean_reward']:.4f} vs {ev.get('baseline', 'base')} "
@@ -411,11 +412,13 @@ def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException,
 
 
 @flow(name="d3po-round", log_prints=True,
-      description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), tracked in MLflow.")
+      description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), "
+                  "tracked in MLflow.")
 def d3po_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
     """Run the pipeline's DVC stages (default: all six, in order) in ``repo`` (default: this repo),
     each as a task, all logging into one new MLflow run (the baseline resolved before evaluate); then log
-    the final metrics, lineage and artifacts from files. Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
+    the final metrics, lineage and artifacts from files.
+    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
     root = Path(repo).resolve() if repo else REPO_ROOT
     repo_s = str(root)
     params = load_params(Paths(root).params)  # fail fast, naming the key, before anything heavy

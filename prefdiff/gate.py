@@ -55,7 +55,8 @@ class Incumbent:
 class Decision:
     action: str  # PROMOTE | CHALLENGER | RE_EVALUATE
     compared_to: float | None  # the bar the value was compared with (None: nothing comparable)
-    compared_with: str  # "champion vN" | "champion vN (re-evaluated)" | "base" | "none"
+    # "champion vN" | "champion vN (re-evaluated)" | "base" | "vN (this evaluation's baseline)" | "none"
+    compared_with: str
     reason: str
 
     @property
@@ -72,7 +73,8 @@ def _bar(candidate: Candidate, incumbent: Incumbent | None, rule: GateRule) -> t
     if incumbent is None:
         if rule.base_metric is None:
             return None, "none", None
-        return candidate.baseline_value, "base", None
+        version = candidate.baseline_version
+        return candidate.baseline_value, "base" if version is None else f"v{version} (this evaluation's baseline)", None
     if incumbent.protocol == candidate.protocol and incumbent.metric == rule.metric:
         return incumbent.value, f"champion v{incumbent.version}", None
     if candidate.baseline_version == incumbent.version and candidate.baseline_value is not None:
@@ -94,7 +96,8 @@ def decide(candidate: Candidate, incumbent: Incumbent | None, rule: GateRule) ->
     if not math.isfinite(candidate.value):
         return Decision(CHALLENGER, bar, compared_with, f"{name} is not finite: a non-finite metric never promotes")
     if bar is not None and not math.isfinite(bar):
-        return Decision(CHALLENGER, bar, compared_with, f"the bar ({compared_with}) is {bar!r}: nothing to beat reliably")
+        return Decision(CHALLENGER, bar, compared_with,
+                        f"the bar ({compared_with}) is {bar!r}: nothing to beat reliably")
     if bar is not None and not candidate.value > bar + rule.min_improvement:
         return Decision(CHALLENGER, bar, compared_with,
                         f"{name} does not beat {compared_with} {bar!r} by more than {rule.min_improvement!r}")

@@ -62,7 +62,7 @@ class Registration:
     gate_metric: str
     value: float
     compared_to: float | None  # the number the gate compared against (None: nothing comparable)
-    compared_with: str  # "champion vN" | "champion vN (re-evaluated)" | "base" | "none"
+    compared_with: str  # as prefdiff.gate.Decision.compared_with
     protocol: str  # protocol fingerprint of the evaluation
     fingerprint: str
     reused: bool  # True: this exact input was already registered; nothing was logged or moved

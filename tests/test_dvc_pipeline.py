@@ -95,7 +95,8 @@ def test_repro_runs_six_stages_then_is_a_noop_and_exp_run_reruns_downstream(tiny
 
 
 def _status(ws: Path) -> dict:
-    proc = subprocess.run([DVC, "status", "--json"], cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([DVC, "status", "--json"], cwd=ws, env=venv_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
 

@@ -360,7 +360,8 @@ def test_file_metrics_and_summary(tmp_path):
         "protocol_fingerprint": "f" * 64, "protocol": {"seeds": {"seed": 1000}}}))
     paths.decision.parent.mkdir(parents=True)
     paths.decision.write_text(json.dumps({"model_name": "m", "version": 2, "alias": "champion", "reused": False,
-                                          "reason": "trained_mean_reward -3.7 beats champion v1 -3.75 by more than 0.0"}))
+                                          "reason": "trained_mean_reward -3.7 beats champion v1 -3.75 by more "
+                                                    "than 0.0"}))
     got = file_metrics(paths)
     assert got["train/final_loss"] == 0.69 and "train/loss" not in got
     assert got["train/steps"] == 4 and got["eval/win_rate"] == 0.75

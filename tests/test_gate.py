@@ -86,3 +86,9 @@ def test_bootstrap_lower_bound_requirement():
     d = decide(_cand(1.0, win_rate_low=0.5), None, rule)
     assert d.action == CHALLENGER and "bootstrap lower bound 0.5 is not above 0.5" in d.reason
     assert decide(_cand(1.0, win_rate_low=None), None, rule).action == CHALLENGER
+
+
+def test_without_incumbent_the_bar_names_the_evaluations_baseline():
+    # the alias was removed after this evaluation used champion v2 as its baseline: the bar is v2's score here
+    d = decide(_cand(1.3, base=1.2, baseline_version=2), None, RULE)
+    assert (d.action, d.compared_to, d.compared_with) == (PROMOTE, 1.2, "v2 (this evaluation's baseline)")

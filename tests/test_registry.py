@@ -163,7 +163,8 @@ def test_reregistering_identical_inputs_is_idempotent(registry):
 
 
 def test_bad_gate_metric_raises_listing_keys(registry):
-    with pytest.raises(ValueError, match=r"gate_metric 'nope'.*\['base_mean', 'protocol_fingerprint', 'trained_mean'\]"):
+    keys = r"\['base_mean', 'protocol_fingerprint', 'trained_mean'\]"
+    with pytest.raises(ValueError, match=rf"gate_metric 'nope'.*{keys}"):
         _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0, "base_mean": 0.5}, metric="nope")
     with pytest.raises(ValueError, match="base_metric 'missing'"):
         _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0}, base_metric="missing")

@@ -1,7 +1,8 @@
 """MLflow "models from code" file: a base diffusion pipeline plus the registered weights, served as pyfunc.
 
 ``prefdiff.registry.register_model`` logs this *file* (not a pickled object) with
-``artifacts={"weights": <a LoRA dir, or a full UNet under unet/>}``, ``model_config={"base_source": ..., "dtype": ..., "device": ...}``
+``artifacts={"weights": <a LoRA dir, or a full UNet under unet/>}``,
+``model_config={"base_source": ..., "dtype": ..., "device": ...}``
 and the ``prefdiff`` package as ``code_paths``; MLflow executes it at load time and serves the object
 passed to ``set_model``. The base weights are not logged: ``base_source`` names them (built-in tiny
 model, a hub id in the local cache, or a local directory).
