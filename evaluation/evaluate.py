@@ -62,10 +62,10 @@ def _snapshots(trained_dir: Path) -> list[tuple[int, Path]]:
 
 
 def build_scorers(params: Params, progress: Callable[[str], None]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """{name: judge} for the primary judge and every ``evaluate.scorers`` entry whose weights are here, and
+    """{name: scorer} for the primary judge and every ``evaluate.scorers`` entry whose weights are here, and
     [(name, reason)] for the skipped ones. The primary judge must be available (it gates registration)."""
-    from evaluation.scorers.registry import NO_WEIGHTS, available
-    from prefdiff.labeling.judges import JUDGES, make_judge
+    from prefdiff.labeling.pairs import judge_scorer
+    from prefdiff.scorers import available
 
     ep = params.evaluate
     primary = params.eval_judge
@@ -74,15 +74,14 @@ def build_scorers(params: Params, progress: Callable[[str], None]) -> tuple[dict
     skipped: list[tuple[str, str]] = []
     for name in [primary] + [s for s in ep.scorers if s != primary]:
         kwargs = dict(args.get(name, {}))
-        if name not in JUDGES and name not in NO_WEIGHTS:
-            ok, reason = available(name, **kwargs)
-            if not ok:
-                if name == primary:
-                    raise FileNotFoundError(f"the primary judge {name!r} cannot run here: {reason}")
-                skipped.append((name, reason))
-                progress(f"skipping scorer {name}: {reason}")
-                continue
-        scorers[name] = make_judge(name, quality=params.label.jpeg_quality, **kwargs)
+        ok, reason = available(name, **kwargs)
+        if not ok:
+            if name == primary:
+                raise FileNotFoundError(f"the primary judge {name!r} cannot run here: {reason}")
+            skipped.append((name, reason))
+            progress(f"skipping scorer {name}: {reason}")
+            continue
+        scorers[name] = judge_scorer(name, kwargs, params.label.jpeg_quality)
     return scorers, skipped
 
 

@@ -2,12 +2,12 @@
 
 Conventions
 -----------
-* Scores are "higher is better" by default (judges flip sign themselves, see SPEC);
+* Scores are "higher is better" by default (a scorer whose raw value is lower-is-better says so);
   ``paired_outcomes`` and ``win_rate_summary`` take ``higher_is_better=False`` for raw lower-is-better scores.
 * Intervals are two-sided at ``confidence`` (default 0.95).
 * Win rate counts a tie as half a win: ``win_rate = (W + T/2) / (W + L + T)``.
 
-Win-rate methodology (project reference "evaluation-metrics", section 4): paired comparison on the
+Win-rate methodology: paired comparison on the
 same (prompt, seed); outcome per pair with a tie margin; report W/L/T, ``(W + T/2)/N`` and ``W/(W+L)``;
 Wilson intervals; a prompt-clustered percentile bootstrap (resample prompts, all seeds of a prompt
 together) because seeds of one prompt are not independent; a two-sided sign test on W vs L with ties

@@ -1,6 +1,6 @@
 """Run the D3PO round on a schedule.
 
-Two routes (reference note, section 2):
+Two routes, both Prefect 3's own ways to schedule a flow:
 
 - ``make serve`` / ``python -m flows.deploy [--cron ...] [--name ...]``: this module. One long-lived
   process serves the deployment (no work pool, no worker); good for a single GPU box. It needs a

@@ -18,6 +18,24 @@ BUILTIN_MODELS: dict[str, str] = {
     "tiny-sdxl": "prefdiff.models.tiny:build_tiny_sdxl_pipeline",
 }
 
+# Scorers (prefdiff/scorers): label.judge, evaluate.judge and evaluate.scorers take these names. Each entry is
+# a Scorer class or a factory taking the scorer's keyword arguments.
+SCORERS: dict[str, str] = {
+    "clip_score": "prefdiff.scorers.clip_score:CLIPScorer",
+    "clip_cosine": "prefdiff.scorers.clip_score:CLIPCosineScorer",
+    "pickscore": "prefdiff.scorers.pickscore:PickScorer",
+    "laion_aesthetic": "prefdiff.scorers.aesthetic:LaionAestheticScorer",
+    "blip_itc": "prefdiff.scorers.blip:BlipITCScorer",
+    "blip_itm": "prefdiff.scorers.blip:BlipITMScorer",
+    "image_reward": "prefdiff.scorers.image_reward:ImageRewardScorer",
+    "hpsv2.0": "prefdiff.scorers.hpsv2:hpsv2_0",
+    "hpsv2.1": "prefdiff.scorers.hpsv2:hpsv2_1",
+    "jpeg_compressibility": "prefdiff.scorers.jpeg:JpegCompressibilityScorer",
+    "jpeg_incompressibility": "prefdiff.scorers.jpeg:JpegIncompressibilityScorer",
+}
+# Other accepted spellings -> the name in SCORERS (what scores, params and metrics are recorded under).
+SCORER_ALIASES: dict[str, str] = {"blip": "blip_itc", "aesthetic": "laion_aesthetic"}
+
 
 def resolve(spec: str) -> Any:
     """The object a ``"module:attribute"`` entry names (imports the module)."""
@@ -25,4 +43,4 @@ def resolve(spec: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-__all__ = ["BUILTIN_MODELS", "BUILTIN_PREFIX", "resolve"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_PREFIX", "SCORERS", "SCORER_ALIASES", "resolve"]

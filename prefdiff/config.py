@@ -2,8 +2,9 @@
 
 Every section is a pydantic model with ``extra="forbid"`` and strict types, so an unknown key, a wrong
 type or an out-of-range value fails at load time with an error that names the key, the value and what is
-allowed (``ParamsError``). Names that depend on registries (judges, prompt sets) are checked against
-those registries, which are cheap to import.
+allowed (``ParamsError``). Names of pluggable parts (models, scorers) are checked against the name tables of
+``prefdiff.catalog``, which import nothing, and prompt sets against ``prefdiff.prompts``: validating params
+imports neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX
+from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX, SCORER_ALIASES, SCORERS
 
 class ParamsError(ValueError):
     """params.yaml is invalid; the message lists every offending key with its value and what is allowed."""
@@ -108,8 +109,8 @@ class PickapicImportParams(_Section):
 class LabelParams(_Section):
     # judge: rank our own sampled groups with an automatic judge; pickapic: import parquet pairs instead
     source: Literal["judge", "pickapic"] = "judge"
-    # Any scorer of evaluation/scorers can judge (jpeg_*, pickscore, image_reward, laion_aesthetic,
-    # clip_score, hpsv2.1, ...): groups are ranked by it, as the Diffusion-DPO AI-feedback experiments do.
+    # Any scorer (prefdiff.catalog.SCORERS: jpeg_*, pickscore, image_reward, laion_aesthetic, clip_score,
+    # hpsv2.1, ...) can judge: groups are ranked by it, as the Diffusion-DPO AI-feedback experiments do.
     judge: str = "jpeg_compressibility"
     judge_args: dict[str, Any] = Field(default_factory=dict)  # the scorer's sources/device/dtype/batch_size
     jpeg_quality: int = Field(95, ge=1, le=95)
@@ -118,11 +119,7 @@ class LabelParams(_Section):
     @field_validator("judge")
     @classmethod
     def _judge(cls, v: str) -> str:
-        from prefdiff.labeling.judges import judge_names
-
-        if v not in judge_names():
-            raise ValueError(f"unknown judge {v!r}; allowed: {', '.join(judge_names())}")
-        return v
+        return _check_scorer_name(v)
 
 
 TRAIN_METHODS = ("d3po", "diffusion_dpo", "sft", "reward_weighted", "ddpo")
@@ -209,7 +206,7 @@ class EvaluateParams(_Section):
     seeds_per_prompt: int = Field(4, ge=1)
     seed: int = Field(1000, ge=0)  # seed of (prompt i, image j) = seed + i * seeds_per_prompt + j
     judge: str | None = None  # the primary scorer (gate, reward curve); None: the label stage's judge
-    # More scorers reported side by side (evaluation/scorers registry names); those whose weights are not
+    # More scorers reported side by side (prefdiff.catalog.SCORERS names); those whose weights are not
     # on this machine are skipped and listed with the reason in metrics and the report.
     scorers: list[str] = Field(default_factory=list)
     scorer_args: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per scorer: sources, device, dtype...
@@ -236,13 +233,13 @@ class EvaluateParams(_Section):
     @field_validator("judge")
     @classmethod
     def _judge(cls, v: str | None) -> str | None:
-        return None if v is None else LabelParams._judge(v)
+        return None if v is None else _check_scorer_name(v)
 
     @field_validator("scorers")
     @classmethod
     def _scorers(cls, v: list[str]) -> list[str]:
         for name in v:
-            LabelParams._judge(name)
+            _check_scorer_name(name)
         if len(set(v)) != len(v):
             raise ValueError(f"scorers {v} lists a name twice")
         return v
@@ -319,6 +316,12 @@ class Params(_Section):
             return self.model_copy(update={"train": TrainParams.model_validate(train)})
         except ValidationError as err:
             raise ParamsError(_format_errors(err, f"compare.overrides.{method} over train")) from None
+
+
+def _check_scorer_name(name: str) -> str:
+    if name not in SCORERS and name not in SCORER_ALIASES:
+        raise ValueError(f"unknown scorer {name!r}; allowed: {', '.join(sorted([*SCORERS, *SCORER_ALIASES]))}")
+    return name
 
 
 def _check_prompt_set(name: str) -> str:

@@ -6,7 +6,7 @@ run. Run outside the flow (``dvc repro`` by hand), a stage opens its own run nam
 
 The default tracking URI is an *absolute* SQLite file in the repo root: MLflow's own default is
 relative to the current directory, which would give every DVC stage, Prefect worker and notebook its
-own ``mlflow.db`` (reference note, section 4).
+own ``mlflow.db``.
 
 mlflow is imported inside the functions: importing it costs ~3.5 s and flows import this module.
 """

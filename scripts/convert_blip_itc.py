@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import BlipConfig
 
-    from evaluation.scorers.base import hub_offline
-    from evaluation.scorers.convert import file_sha256, save_tokenizer, write_json
-    from evaluation.scorers.blip import load_blip_pretrain_checkpoint
-    from evaluation.scorers.image_reward import blip_tokenizer
+    from prefdiff.scorers.base import hub_offline
+    from prefdiff.scorers.convert import file_sha256, save_tokenizer, write_json
+    from prefdiff.scorers.blip import load_blip_pretrain_checkpoint
+    from prefdiff.scorers.image_reward import blip_tokenizer
 
     config = BlipConfig.from_dict(json.loads(Path(args.blip_config).read_text())) if args.blip_config else None
     model, report = load_blip_pretrain_checkpoint(args.checkpoint, config=config)

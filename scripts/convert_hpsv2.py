@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: checkpoint {args.checkpoint} not found", file=sys.stderr)
         return 2
 
-    from evaluation.scorers.hpsv2 import MANIFEST, detect_hpsv2_version, load_hpsv2_checkpoint, normalize_version
+    from prefdiff.scorers.hpsv2 import MANIFEST, detect_hpsv2_version, load_hpsv2_checkpoint, normalize_version
 
     detected = detect_hpsv2_version(args.checkpoint)
     declared = normalize_version(args.version) if args.version else None
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import AutoTokenizer, CLIPConfig
 
-    from evaluation.scorers.base import hub_offline
-    from evaluation.scorers.convert import file_sha256, save_tokenizer, write_json
+    from prefdiff.scorers.base import hub_offline
+    from prefdiff.scorers.convert import file_sha256, save_tokenizer, write_json
 
     config = CLIPConfig.from_dict(json.loads(Path(args.clip_config).read_text())) if args.clip_config else None
     model, report = load_hpsv2_checkpoint(args.checkpoint, config=config)

@@ -6,7 +6,7 @@
 
 Writes ``config.json`` (vision/text configs, mean/std, conversion report, source sha256), ``model.safetensors``
 and the ``bert-base-uncased`` tokenizer with BLIP's ``[DEC]``/``[ENC]`` specials (when available here). Every
-checkpoint key is accounted for (``evaluation.scorers.convert.convert_imagereward_state_dict``); keys known to
+checkpoint key is accounted for (``prefdiff.scorers.convert.convert_imagereward_state_dict``); keys known to
 be unused (ITM head, ITC projections, position_ids buffer) are listed in the report, anything else is an error
 unless allowed with ``--allow-unused REGEX``. Use the result with ``get_scorer("image_reward", source=<out>)``.
 """
@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import BlipTextConfig, BlipVisionConfig
 
-    from evaluation.scorers.base import hub_offline
-    from evaluation.scorers.convert import file_sha256, save_tokenizer, write_json
-    from evaluation.scorers.image_reward import blip_tokenizer, load_imagereward_checkpoint
+    from prefdiff.scorers.base import hub_offline
+    from prefdiff.scorers.convert import file_sha256, save_tokenizer, write_json
+    from prefdiff.scorers.image_reward import blip_tokenizer, load_imagereward_checkpoint
 
     def read(path: str | None, cls):
         return cls.from_dict(json.loads(Path(path).read_text())) if path else None

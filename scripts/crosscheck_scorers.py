@@ -101,7 +101,7 @@ def check_hpsv2(tmp: Path) -> bool:
     import torch.nn.functional as F
     from transformers import CLIPConfig
 
-    from evaluation.scorers.hpsv2 import hps_pixel_values, load_hpsv2_checkpoint
+    from prefdiff.scorers.hpsv2 import hps_pixel_values, load_hpsv2_checkpoint
 
     open_clip = _import("open_clip")
     tvf = _import("torchvision.transforms.functional")
@@ -196,10 +196,10 @@ def check_image_reward_and_blip(tmp: Path, which: str) -> bool:
     import torch.nn.functional as F
     from transformers import BertTokenizer
 
-    from evaluation.scorers.base import clip_image_processor, clip_pixel_values
-    from evaluation.scorers.blip import load_blip_pretrain_checkpoint
-    from evaluation.scorers.image_reward import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, add_blip_special_tokens,
-                                                 load_imagereward_checkpoint)
+    from prefdiff.scorers.base import clip_image_processor, clip_pixel_values
+    from prefdiff.scorers.blip import load_blip_pretrain_checkpoint
+    from prefdiff.scorers.image_reward import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, add_blip_special_tokens,
+                                               load_imagereward_checkpoint)
 
     tok = add_blip_special_tokens(BertTokenizer(str(_bert_vocab(tmp))))
     vit, bert, mlp, proj_v, proj_t = _tiny_original_blip(len(tok))
@@ -248,7 +248,7 @@ def check_preprocess(tmp: Path) -> bool:
     import torch
     from PIL import Image
 
-    from evaluation.scorers.base import clip_image_processor, clip_pixel_values
+    from prefdiff.scorers.base import clip_image_processor, clip_pixel_values
 
     T = _import("torchvision.transforms")
     tf = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),

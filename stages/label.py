@@ -30,11 +30,10 @@ def main() -> None:
                          "label/rows_rejected": imported.rows_rejected})
         else:
             from prefdiff.data.trajectories import TrajectoryStore
-            from prefdiff.labeling.judges import make_judge
-            from prefdiff.labeling.pairs import label_trajectories
+            from prefdiff.labeling.pairs import judge_scorer, label_trajectories
 
             store = TrajectoryStore.open(paths.trajectories)
-            judge = make_judge(lp.judge, quality=lp.jpeg_quality, **lp.judge_args)
+            judge = judge_scorer(lp.judge, lp.judge_args, lp.jpeg_quality)
             label_trajectories(store, judge, paths.preferences, progress=say)
         summary = PreferenceStore.open(paths.preferences).summary()
         say(f"label: {summary.num_pairs} pairs, {summary.num_ties} ties (excluded from training), "

@@ -14,15 +14,15 @@ import pytest
 import torch
 
 import tiny_scorers as T
-from evaluation.scorers.aesthetic import (AESTHETIC_HEAD, AESTHETIC_HEAD_KEYS, AESTHETIC_HEAD_SHA256,
-                                          load_aesthetic_head)
-from evaluation.scorers.base import MLPHead, clip_image_processor, clip_pixel_values
-from evaluation.scorers.blip import BlipITCScorer, load_blip_pretrain_checkpoint
-from evaluation.scorers.convert import (StateDictAccountingError, blip_retrieval_to_original,
-                                        convert_imagereward_state_dict, convert_open_clip_state_dict, file_sha256,
-                                        imagereward_to_original, open_clip_to_original, unwrap_state_dict)
-from evaluation.scorers.hpsv2 import HPSv2Scorer, hps_pixel_values, load_hpsv2_checkpoint
-from evaluation.scorers.image_reward import ImageRewardModel, ImageRewardScorer, load_imagereward_checkpoint
+from prefdiff.scorers.aesthetic import (AESTHETIC_HEAD, AESTHETIC_HEAD_KEYS, AESTHETIC_HEAD_SHA256,
+                                        load_aesthetic_head)
+from prefdiff.scorers.base import MLPHead, clip_image_processor, clip_pixel_values
+from prefdiff.scorers.blip import BlipITCScorer, load_blip_pretrain_checkpoint
+from prefdiff.scorers.convert import (StateDictAccountingError, blip_retrieval_to_original,
+                                      convert_imagereward_state_dict, convert_open_clip_state_dict, file_sha256,
+                                      imagereward_to_original, open_clip_to_original, unwrap_state_dict)
+from prefdiff.scorers.hpsv2 import HPSv2Scorer, hps_pixel_values, load_hpsv2_checkpoint
+from prefdiff.scorers.image_reward import ImageRewardModel, ImageRewardScorer, load_imagereward_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = T.images()

@@ -48,8 +48,8 @@ def test_log_prob_equals_normal_mean_over_dims():
         torch.testing.assert_close(single.log_prob, out.log_prob[i : i + 1])
 
 
-def test_sigma_range_matches_reference_notes():
-    """sigma ~0.644 at t=951 and ~0.021 at t=1 for the SD 1.5 schedule (reference notes, section 2)."""
+def test_sigma_range_of_the_sd15_schedule():
+    """sigma ~0.644 at t=951 and ~0.021 at t=1 for the SD 1.5 schedule with eta=1 (DDIM Eq. 16)."""
     sched = _scheduler()
     x = torch.zeros(1, 4, 2, 2)
     first = ddim_step_with_logprob(sched, x, 951, x, eta=1.0, noise=x).std.item()

@@ -7,7 +7,7 @@ from evaluation.implicit import elbo_implicit_accuracy, trajectory_implicit_accu
 from prefdiff.config import parse_params
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
-from prefdiff.labeling.judges import make_judge
+from prefdiff.scorers import get_scorer
 from prefdiff.labeling.pairs import label_trajectories
 from prefdiff.models import lora
 from prefdiff.models.loading import load_pipeline
@@ -26,7 +26,7 @@ def data(tmp_path_factory):
     params = parse_params(OVERRIDES)
     sample_dataset(params, root / "traj", progress=lambda _: None)
     store = TrajectoryStore.open(root / "traj")
-    label_trajectories(store, make_judge("jpeg_compressibility"), root / "prefs", progress=lambda _: None)
+    label_trajectories(store, get_scorer("jpeg_compressibility"), root / "prefs", progress=lambda _: None)
     prefs = PreferenceStore.open(root / "prefs")
     # a "trained" LoRA: random non-zero B so trained != base
     pipe = load_pipeline("builtin:tiny-sd")

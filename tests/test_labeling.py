@@ -1,4 +1,4 @@
-"""JPEG judges, the judge registry, pair construction and the full label step."""
+"""JPEG-size scorers as label judges, building a judge by name, pair construction and the full label step."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from PIL import Image
 
 from prefdiff.data.preferences import PreferencePair, PreferenceStore
 from prefdiff.data.trajectories import TrajectoryGroup, TrajectoryStore, TrajectoryWriter
-from prefdiff.labeling.judges import JUDGES, judge_names, jpeg_size_kb, make_judge
-from prefdiff.labeling.pairs import label_trajectories, pairs_from_groups
+from prefdiff.catalog import SCORERS
+from prefdiff.labeling.pairs import judge_scorer, label_trajectories, pairs_from_groups
+from prefdiff.scorers import get_scorer, scorer_names, scores_as_decimals
+from prefdiff.scorers.jpeg import jpeg_size_kb
 
 
 def noise(seed: int, size: int = 32) -> Image.Image:
@@ -25,6 +27,11 @@ def grey(size: int = 32) -> Image.Image:
     return Image.new("RGB", (size, size), (128, 128, 128))
 
 
+def label_judge(name: str, quality: int = 95, **args):
+    """The label stage's judge: ``label.judge`` = name, ``label.judge_args`` = args, ``label.jpeg_quality``."""
+    return judge_scorer(name, args, quality)
+
+
 # -- judges ---------------------------------------------------------------------------------------------------
 def test_jpeg_size_matches_pil_bytes() -> None:
     img = noise(0)
@@ -33,44 +40,46 @@ def test_jpeg_size_matches_pil_bytes() -> None:
     expected = len(buf.getvalue()) / 1000
     assert expected > 1.0  # 32x32 noise does not compress: several kB
     assert jpeg_size_kb(img) == expected
-    inc = make_judge("jpeg_incompressibility")
-    comp = make_judge("jpeg_compressibility")
+    inc = label_judge("jpeg_incompressibility")
+    comp = label_judge("jpeg_compressibility")
     s_inc = inc.score([img], ["cat"])
-    assert s_inc.dtype == np.float64 and s_inc.shape == (1,)
-    assert s_inc[0] == expected
-    assert comp.score([img], ["cat"])[0] == -expected
+    assert s_inc.dtype == torch.float32 and s_inc.shape == (1,)  # the Scorer interface's dtype
+    assert scores_as_decimals(s_inc) == [expected]  # the size in kB exactly, as the label stage stores it
+    assert scores_as_decimals(comp.score([img], ["cat"])) == [-expected]
     assert inc.higher_is_better and comp.higher_is_better
-    assert comp.params == {"quality": 95}
+    assert comp.params() == {"quality": 95}
 
 
 def test_grey_is_more_compressible_than_noise() -> None:
-    comp = make_judge("jpeg_compressibility")
+    comp = label_judge("jpeg_compressibility")
     s = comp.score([grey(), noise(1)], ["a", "b"])
     assert s[0] > s[1]
-    inc = make_judge("jpeg_incompressibility")
-    np.testing.assert_array_equal(inc.score([grey(), noise(1)], ["a", "b"]), -s)
+    inc = label_judge("jpeg_incompressibility")
+    torch.testing.assert_close(inc.score([grey(), noise(1)], ["a", "b"]), -s, rtol=0, atol=0)
 
 
 def test_quality_param_and_mode_conversion() -> None:
     img = noise(2)
-    q50 = make_judge("jpeg_incompressibility", quality=50)
-    assert q50.params == {"quality": 50}
-    assert q50.score([img], [""])[0] < make_judge("jpeg_incompressibility").score([img], [""])[0]
+    q50 = label_judge("jpeg_incompressibility", quality=50)
+    assert q50.params() == {"quality": 50}
+    assert q50.score([img], [""])[0] < label_judge("jpeg_incompressibility").score([img], [""])[0]
     # RGBA is scored as its RGB conversion
     rgba = img.convert("RGBA")
     assert jpeg_size_kb(rgba) == jpeg_size_kb(img)
     for bad in (0, 96, 95.0, True, "95"):
         with pytest.raises(ValueError, match="quality"):
-            make_judge("jpeg_compressibility", quality=bad)
+            label_judge("jpeg_compressibility", quality=bad)
 
 
 def test_unknown_judge_and_param() -> None:
-    with pytest.raises(ValueError, match=r"unknown judge 'aesthetc'; allowed: .*jpeg_compressibility.*pickscore"):
-        make_judge("aesthetc")
-    with pytest.raises(ValueError, match=r"unknown params \['qualty'\]; allowed: quality"):
-        make_judge("jpeg_compressibility", qualty=90)
-    assert set(JUDGES) <= set(judge_names())
-    assert {"pickscore", "image_reward", "laion_aesthetic", "clip_score", "hpsv2.1"} <= set(judge_names())
+    with pytest.raises(ValueError, match=r"unknown scorer 'aesthetc'; valid names: .*jpeg_compressibility.*pickscore"):
+        label_judge("aesthetc")
+    with pytest.raises(ValueError, match=r"unknown arguments \['qualty'\]; allowed: .*quality"):
+        label_judge("jpeg_compressibility", qualty=90)
+    with pytest.raises(ValueError, match=r"quality=80 in the judge's arguments; set label.jpeg_quality"):
+        judge_scorer("jpeg_compressibility", {"quality": 80}, 95)
+    assert {"jpeg_compressibility", "jpeg_incompressibility"} <= set(SCORERS) <= set(scorer_names())
+    assert {"pickscore", "image_reward", "laion_aesthetic", "clip_score", "hpsv2.1"} <= set(scorer_names())
 
 
 def test_any_scorer_is_a_judge(tmp_path) -> None:
@@ -81,11 +90,28 @@ def test_any_scorer_is_a_judge(tmp_path) -> None:
     clip_model().save_pretrained(model_dir)
     clip_tokenizer(model_dir).save_pretrained(model_dir)
     clip_processor().save_pretrained(model_dir)
-    judge = make_judge("pickscore", model=str(model_dir), processor=str(model_dir), device="cpu")
+    judge = label_judge("pickscore", model=str(model_dir), processor=str(model_dir), device="cpu")
     images = [Image.new("RGB", (40, 40), c) for c in ("red", "blue", "white")]
     scores = judge.score(images, ["a red square"] * 3)
-    assert scores.dtype == np.float64 and scores.shape == (3,) and judge.higher_is_better
-    assert np.array_equal(scores, judge.scorer.score(images, ["a red square"] * 3).double().numpy())
+    assert scores.dtype == torch.float32 and scores.shape == (3,) and judge.higher_is_better
+    # the judge is the registry's scorer: the same weights, the same call on the same inputs -> the same bits
+    same = get_scorer("pickscore", model=str(model_dir), processor=str(model_dir), device="cpu")
+    assert torch.equal(scores, same.score(images, ["a red square"] * 3))
+    assert judge.name == "pickscore" and judge.params() == same.params()
+
+
+def test_stored_scores_keep_float32_order_and_ties() -> None:
+    """The label stage stores each float32 score as its shortest decimal: same order, same ties, same float32."""
+    base = torch.tensor([1.0, 12.345, -0.1, 3e-8, 7.5e4], dtype=torch.float32)
+    up = torch.nextafter(base, torch.full_like(base, float("inf")))
+    scores = torch.cat([base, up, base])  # neighbours one ulp apart, and exact duplicates
+    stored = scores_as_decimals(scores)
+    assert stored[:5] == [1.0, 12.345, -0.1, 3e-8, 7.5e4]
+    assert torch.equal(torch.tensor(stored, dtype=torch.float32), scores)  # each decimal is its float32
+    for i in range(len(scores)):
+        for j in range(len(scores)):
+            assert (stored[i] < stored[j]) == bool(scores[i] < scores[j])
+            assert (stored[i] == stored[j]) == bool(scores[i] == scores[j])
 
 
 # -- pairs ------------------------------------------------------------------------------------------------------
@@ -135,7 +161,7 @@ def test_label_trajectories_end_to_end(tmp_path: Path) -> None:
     store = TrajectoryStore.open(traj_dir)
     lines: list[str] = []
     out = tmp_path / "data" / "preferences"
-    idx = label_trajectories(store, make_judge("jpeg_compressibility"), out, batch_size=4, progress=lines.append)
+    idx = label_trajectories(store, label_judge("jpeg_compressibility"), out, batch_size=4, progress=lines.append)
     assert idx == out / "index.json"
     assert lines == ["scored 4/6 images", "scored 6/6 images"]
     prefs = PreferenceStore.open(out)

@@ -1,8 +1,10 @@
-"""evaluation.scorers: every scorer against a hand recomputation from its tiny model's own embeddings, batch-size
+"""prefdiff.scorers: every scorer against a hand recomputation from its tiny model's own embeddings, batch-size
 invariance, exact preprocessing against a PIL reference, input handling, the registry, missing-weight errors
 and loading from local save_pretrained directories. Tiny random-weight models only; nothing is downloaded."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -10,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import tiny_scorers as T
-from evaluation.scorers import ScorerWeightsMissing, available, get_scorer, scorer_names, to_pil_images
-from evaluation.scorers.aesthetic import LaionAestheticScorer, load_aesthetic_head
-from evaluation.scorers.base import clip_pixel_values
-from evaluation.scorers.blip import BlipITCScorer, BlipITMScorer
-from evaluation.scorers.clip_score import CLIPCosineScorer, CLIPScorer, torchmetrics_clip_score, torchmetrics_mean
-from evaluation.scorers.hpsv2 import MANIFEST, HPSv2Scorer, HPSv2VersionMismatch, hps_pixel_values
-from evaluation.scorers.image_reward import ImageRewardModel, ImageRewardScorer
-from evaluation.scorers.jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
-from evaluation.scorers.pickscore import PickScorer
-from prefdiff.labeling.judges import jpeg_compressibility, jpeg_incompressibility
+from prefdiff.scorers import (ScorerWeightsMissing, available, get_scorer, scorer_names, scores_as_decimals,
+                              to_pil_images)
+from prefdiff.scorers.aesthetic import LaionAestheticScorer, load_aesthetic_head
+from prefdiff.scorers.base import clip_pixel_values
+from prefdiff.scorers.blip import BlipITCScorer, BlipITMScorer
+from prefdiff.scorers.clip_score import CLIPCosineScorer, CLIPScorer, torchmetrics_clip_score, torchmetrics_mean
+from prefdiff.scorers.hpsv2 import MANIFEST, HPSv2Scorer, HPSv2VersionMismatch, hps_pixel_values
+from prefdiff.scorers.image_reward import ImageRewardModel, ImageRewardScorer
+from prefdiff.scorers.jpeg import JpegCompressibilityScorer, JpegIncompressibilityScorer
+from prefdiff.scorers.pickscore import PickScorer
 
 IMAGES = T.images()
 PROMPTS = T.PROMPTS
@@ -235,14 +237,36 @@ def test_hpsv2_by_hand(scorers, models, tok):
     assert s.name == "hpsv2.1" and s.params()["version"] == "v2.1"
 
 
-def test_jpeg_scorers_match_the_label_stage_judges(scorers):
-    for name, judge in (("jpeg_compressibility", jpeg_compressibility()),
-                        ("jpeg_incompressibility", jpeg_incompressibility())):
+def _jpeg_kb(image, quality=95):
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return len(buf.getvalue()) / 1000
+
+
+def test_jpeg_scorers_are_the_jpeg_byte_count(scorers):
+    """The JPEG scorers (also the label stage's judges) are +-(bytes of the q95 JPEG) / 1000, prompt or not."""
+    for name, sign in (("jpeg_compressibility", -1.0), ("jpeg_incompressibility", 1.0)):
         s = scorers[name]
         assert s.needs_prompt is False and s.available()[0]
-        expected = torch.tensor(judge.score(IMAGES, PROMPTS), dtype=torch.float32)
+        expected = torch.tensor([sign * _jpeg_kb(im) for im in IMAGES], dtype=torch.float32)
         assert torch.equal(s.score(IMAGES), expected) and torch.equal(s.score(IMAGES, PROMPTS), expected)
+        assert scores_as_decimals(s.score(IMAGES)) == [sign * _jpeg_kb(im) for im in IMAGES]  # exact kB
     assert (scorers["jpeg_compressibility"].score(IMAGES) < 0).all()
+
+
+def test_jpeg_sizes_stay_exact_in_float32_below_the_bound(monkeypatch):
+    """Every size of n bytes below MAX_EXACT_KB comes back from float32 as exactly n/1000 (checked for the 4000
+    sizes just under the bound, where float32 is coarsest); just above it two sizes share a float32."""
+    from prefdiff.scorers import jpeg
+
+    below = [n / 1000 for n in range(int(jpeg.MAX_EXACT_KB * 1000) - 4000, int(jpeg.MAX_EXACT_KB * 1000))]
+    assert scores_as_decimals(torch.tensor(below, dtype=torch.float32)) == below
+    above = torch.tensor([n / 1000 for n in range(int(jpeg.MAX_EXACT_KB * 1000), int(jpeg.MAX_EXACT_KB * 1000) + 10)],
+                         dtype=torch.float32)
+    assert len(set(above.tolist())) < len(above)
+    monkeypatch.setattr(jpeg, "MAX_EXACT_KB", 1.0)  # a 64x64 noisy JPEG is several kB: over this bound
+    with pytest.raises(ValueError, match="jpeg_incompressibility: JPEG size .* kB >= 1 kB"):
+        get_scorer("jpeg_incompressibility").score([T.images(1, seed=3, sizes=[(64, 64)])[0]])
 
 
 # Scores of the same images computed in another batch composition (another batch size, a scorer reloaded from
@@ -307,6 +331,25 @@ def test_registry_names_and_errors():
     assert get_scorer("hpsv2.0").version == "v2.0" and get_scorer("hpsv2.1").name == "hpsv2.1"
     assert get_scorer("jpeg_compressibility", quality=80).quality == 80
     assert get_scorer("clip_cosine").needs_prompt and not get_scorer("aesthetic").needs_prompt
+
+
+def test_every_catalog_name_builds_the_scorer_of_that_name():
+    """prefdiff.catalog.SCORERS is the registry: each entry builds (nothing loaded) a Scorer recording that name,
+    and each alias builds its target."""
+    from prefdiff.catalog import SCORER_ALIASES, SCORERS
+    from prefdiff.scorers import Scorer, canonical_name, scorer_arguments
+
+    assert scorer_names() == sorted([*SCORERS, *SCORER_ALIASES])
+    for name in SCORERS:
+        s = get_scorer(name)
+        assert isinstance(s, Scorer) and s.name == name and canonical_name(name) == name and not s._loaded
+        assert {"device", "dtype", "batch_size", "local_files_only"} <= set(scorer_arguments(name))
+    assert SCORER_ALIASES == {"blip": "blip_itc", "aesthetic": "laion_aesthetic"}
+    for alias, target in SCORER_ALIASES.items():
+        assert canonical_name(alias) == target and get_scorer(alias).name == target
+    # the HPSv2 factories take HPSv2Scorer's own arguments, not its version
+    assert {"source", "tokenizer", "antialias", "max_length"} <= set(scorer_arguments("hpsv2.0"))
+    assert "version" not in scorer_arguments("hpsv2.1")
 
 
 # ------------------------------------------------------------------------------------------------ missing weights

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from prefdiff.config import parse_params
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
-from prefdiff.labeling.judges import make_judge
+from prefdiff.scorers import get_scorer
 from prefdiff.labeling.pairs import label_trajectories
 from prefdiff.models.loading import load_pipeline
 from prefdiff.models.lora import LORA_WEIGHT_NAME, adapters_disabled
@@ -29,7 +29,7 @@ def data(tmp_path_factory):
     params = parse_params(OVERRIDES)
     sample_dataset(params, root / "traj", progress=lambda _: None)
     store = TrajectoryStore.open(root / "traj")
-    label_trajectories(store, make_judge("jpeg_compressibility"), root / "prefs", progress=lambda _: None)
+    label_trajectories(store, get_scorer("jpeg_compressibility"), root / "prefs", progress=lambda _: None)
     return params, store, PreferenceStore.open(root / "prefs")
 
 

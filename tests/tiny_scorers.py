@@ -65,7 +65,7 @@ def bert_tokenizer(directory: Path):
     """BertTokenizer over a small word-piece vocab + BLIP's [DEC] / [ENC] specials."""
     from transformers import BertTokenizer
 
-    from evaluation.scorers.image_reward import add_blip_special_tokens
+    from prefdiff.scorers.image_reward import add_blip_special_tokens
 
     directory.mkdir(parents=True, exist_ok=True)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase,
@@ -135,7 +135,7 @@ def blip_processor(size: int = 32):
 
 
 def imagereward_model(tokenizer, seed: int = 0):
-    from evaluation.scorers.image_reward import ImageRewardModel
+    from prefdiff.scorers.image_reward import ImageRewardModel
 
     cfg = blip_config(tokenizer)
     torch.manual_seed(seed)

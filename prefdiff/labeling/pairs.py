@@ -1,5 +1,7 @@
 """Group scores -> preference pairs, and the whole label step over a trajectory store.
 
+The judge is any scorer of ``prefdiff.scorers`` (``label.judge``): the JPEG-size task of the first round, or a
+learned scorer ranking the candidates, the Diffusion-DPO paper's AI-feedback setting.
 D3PO (Yang et al. 2024) compares images generated from the same prompt, so pairs never cross groups:
 each group of G images yields all C(G, 2) pairs.
 """
@@ -10,17 +12,29 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from prefdiff.data.preferences import LabelSummary, PreferencePair, summarize, write_preferences
-from prefdiff.labeling.judges import Judge
+from prefdiff.scorers import Scorer, get_scorer, scorer_arguments, scores_as_decimals
 
 if TYPE_CHECKING:
     from prefdiff.data.trajectories import TrajectoryStore
 
-__all__ = ["LabelSummary", "label_trajectories", "pairs_from_groups", "summarize"]
+__all__ = ["LabelSummary", "judge_scorer", "label_trajectories", "pairs_from_groups", "summarize"]
+
+
+def judge_scorer(name: str, args: Mapping[str, Any], jpeg_quality: int) -> Scorer:
+    """Scorer ``name`` built with ``args`` (``label.judge_args``); a scorer that takes a JPEG ``quality`` (the
+    JPEG-size scorers) gets ``label.jpeg_quality``. Unknown names/arguments raise ValueError listing the valid ones."""
+    kwargs = dict(args)
+    if "quality" in scorer_arguments(name):
+        if "quality" in kwargs:
+            raise ValueError(f"judge {name!r}: quality={kwargs['quality']!r} in the judge's arguments; "
+                             "set label.jpeg_quality instead")
+        kwargs["quality"] = jpeg_quality
+    return get_scorer(name, **kwargs)
 
 
 def pairs_from_groups(
@@ -60,7 +74,7 @@ def _score(scores: Mapping[int, float], image_id: int) -> float:
 
 def label_trajectories(
     store: TrajectoryStore,
-    judge: Judge,
+    judge: Scorer,
     out_dir: Path,
     *,
     batch_size: int = 64,
@@ -68,8 +82,9 @@ def label_trajectories(
 ) -> Path:
     """Score every final PNG with ``judge`` in batches, build pairs, write the preference dataset.
 
-    ``progress`` receives lines like "scored 64/90 images" (default: print). Returns the index path;
-    the counts are ``PreferenceStore.open(out_dir).summary()``.
+    Scores are stored as their float32 values' shortest decimals (``scores_as_decimals``): the same order and
+    ties as the float32 scores, and JPEG sizes exact in kB. ``progress`` receives lines like "scored 64/90
+    images" (default: print). Returns the index path; the counts are ``PreferenceStore.open(out_dir).summary()``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -85,9 +100,8 @@ def label_trajectories(
         batch = judge.score(images, [store.prompt_of(i) for i in ids])
         if len(batch) != len(ids):
             raise ValueError(f"judge {judge.name!r} returned {len(batch)} scores for {len(ids)} images")
-        scores.update(zip(ids, (float(s) for s in batch)))
+        scores.update(zip(ids, scores_as_decimals(batch)))
         report(f"scored {len(scores)}/{n} images")
     pairs = pairs_from_groups(store.groups(), scores, higher_is_better=judge.higher_is_better)
-    meta = {"name": judge.name, "higher_is_better": bool(judge.higher_is_better),
-            "params": dict(getattr(judge, "params", {}))}
+    meta = {"name": judge.name, "higher_is_better": bool(judge.higher_is_better), "params": judge.params()}
     return write_preferences(Path(out_dir), pairs, judge=meta, trajectories=store)

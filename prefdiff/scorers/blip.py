@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.scorers.base import (Requirement, Scorer, clip_image_processor, clip_pixel_values, l2_normalize,
-                                     looks_like_path)
-from evaluation.scorers.convert import (ConversionReport, convert_blip_pretrain_state_dict, load_checkpoint_file,
-                                        load_strict, unwrap_state_dict)
-from evaluation.scorers.image_reward import (DEFAULT_BERT_TOKENIZER, _has_tokenizer, blip_text_config,
-                                             blip_tokenizer, blip_vit_large_config)
+from prefdiff.scorers.base import (Requirement, Scorer, clip_image_processor, clip_pixel_values, l2_normalize,
+                                   looks_like_path)
+from prefdiff.scorers.convert import (ConversionReport, convert_blip_pretrain_state_dict, load_checkpoint_file,
+                                      load_strict, unwrap_state_dict)
+from prefdiff.scorers.image_reward import (DEFAULT_BERT_TOKENIZER, _has_tokenizer, blip_text_config,
+                                           blip_tokenizer, blip_vit_large_config)
 
 DEFAULT_MODEL_LARGE = "~/.cache/ImageReward/model_large.pth"
 MODEL_LARGE_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_large.pth"

@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -36,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation.scorers.base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Requirement, hub_cached_file,
-                                     looks_like_path)
-from evaluation.scorers.clip_score import CLIPFamilyScorer
-from evaluation.scorers.convert import (ConversionReport, convert_open_clip_state_dict, load_checkpoint_file,
-                                        load_strict, unwrap_state_dict)
+from prefdiff.scorers.base import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Requirement, hub_cached_file,
+                                   looks_like_path)
+from prefdiff.scorers.clip_score import CLIPFamilyScorer
+from prefdiff.scorers.convert import (ConversionReport, convert_open_clip_state_dict, load_checkpoint_file,
+                                      load_strict, unwrap_state_dict)
 
 HPSV2_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 DEFAULT_HPSV2_REPO = "xswu/HPSv2"
@@ -238,3 +239,19 @@ class HPSv2Scorer(CLIPFamilyScorer):
     def params(self) -> dict[str, Any]:
         return {"version": self.version, "version_source": self.version_source, "source": self.model_source,
                 "tokenizer": self.processor_source, "antialias": self.antialias, "max_length": self.max_length}
+
+
+def _fixed_version(version: str) -> Any:
+    """``HPSv2Scorer`` with ``version`` fixed, taking its other arguments (the registry checks them by signature)."""
+    def make(**kw: Any) -> HPSv2Scorer:
+        return HPSv2Scorer(version, **kw)
+
+    own = inspect.signature(HPSv2Scorer.__init__).parameters.items()
+    make.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [p for name, p in own if name not in ("self", "version")])
+    return make
+
+
+# The registry's hpsv2.0 / hpsv2.1 (prefdiff.catalog.SCORERS): the version is part of the name, never guessed.
+hpsv2_0 = _fixed_version("v2.0")
+hpsv2_1 = _fixed_version("v2.1")

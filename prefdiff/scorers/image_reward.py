@@ -29,10 +29,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.scorers.base import (MLPHead, Requirement, Scorer, clip_image_processor, clip_pixel_values,
-                                     hub_cached_file, looks_like_path)
-from evaluation.scorers.convert import (ConversionReport, convert_imagereward_state_dict, load_checkpoint_file,
-                                        load_strict, unwrap_state_dict)
+from prefdiff.scorers.base import (MLPHead, Requirement, Scorer, clip_image_processor, clip_pixel_values,
+                                   hub_cached_file, looks_like_path)
+from prefdiff.scorers.convert import (ConversionReport, convert_imagereward_state_dict, load_checkpoint_file,
+                                      load_strict, unwrap_state_dict)
 
 IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072

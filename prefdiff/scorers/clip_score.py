@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.scorers.base import Requirement, Scorer, clip_pixel_values, l2_normalize, to_pil_images
+from prefdiff.scorers.base import Requirement, Scorer, clip_pixel_values, l2_normalize, to_pil_images
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 

@@ -1,4 +1,4 @@
-"""The scorer interface shared by every evaluation metric, and the plumbing they have in common.
+"""The one scorer interface (label judges and evaluation metrics alike), and the plumbing scorers share.
 
 A scorer turns ``images`` (+ ``prompts``) into one raw float32 value per sample::
 
@@ -496,6 +496,16 @@ class Scorer:
     def _mark_loaded(self) -> "Scorer":
         self._loaded = True
         return self
+
+
+def scores_as_decimals(scores: torch.Tensor) -> list[float]:
+    """Each float32 score as the float64 of its shortest decimal repr (``str(np.float32(s))``), for storing.
+
+    The shortest repr round-trips to the same float32, so order and ties are exactly the float32 scores', and a
+    float32 that holds a short decimal gives that decimal back: a JPEG size of 12.345 kB is stored as 12.345,
+    not as the float32's exact binary value 12.345000267028809.
+    """
+    return [float(str(s)) for s in scores.detach().to("cpu", torch.float32).numpy()]
 
 
 def as_float_features(out: Any) -> torch.Tensor:

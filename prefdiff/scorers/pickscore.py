@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from evaluation.scorers.clip_score import CLIPFamilyScorer
+from prefdiff.scorers.clip_score import CLIPFamilyScorer
 
 DEFAULT_PICKSCORE = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

@@ -3,7 +3,7 @@
 ``score = MLP(e / ||e||)`` with ``e = visual_projection(CLIP ViT-L/14 pooled output)`` - the DDPO/D3PO
 ``AestheticScorer`` (HF ``openai/clip-vit-large-patch14`` + its processor) and Diffusion-DPO's aesthetic
 metric. Prompts are not used. The head ``sac+logos+ava1-l14-linearMSE.pth`` (3.7 MB, sha256 21dd590f...)
-ships in ``evaluation/assets/``; it is a plain state dict (``layers.{0,2,4,6,7}``), loaded with
+ships in ``prefdiff/scorers/assets/``; it is a plain state dict (``layers.{0,2,4,6,7}``), loaded with
 ``torch.load(weights_only=True)`` and strict key accounting, and, having no nonlinearities, is one affine map.
 The CLIP backbone is still needed (``openai/clip-vit-large-patch14``, ~1.7 GB): the head alone is not enough.
 """
@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from evaluation.scorers.base import MLPHead, Requirement, Scorer, clip_pixel_values, l2_normalize
-from evaluation.scorers.clip_score import DEFAULT_CLIP
-from evaluation.scorers.convert import StateDictAccountingError, load_checkpoint_file
+from prefdiff.scorers.base import MLPHead, Requirement, Scorer, clip_pixel_values, l2_normalize
+from prefdiff.scorers.clip_score import DEFAULT_CLIP
+from prefdiff.scorers.convert import StateDictAccountingError, load_checkpoint_file
 
-AESTHETIC_HEAD = Path(__file__).resolve().parents[1] / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_HEAD = Path(__file__).resolve().parent / "assets" / "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_HEAD_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 AESTHETIC_HEAD_KEYS = frozenset(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
 
