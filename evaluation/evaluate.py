@@ -85,19 +85,13 @@ def build_scorers(params: Params, progress: Callable[[str], None]) -> tuple[dict
     return scorers, skipped
 
 
-def judge_params(judge) -> dict[str, Any]:
-    """What defines a judge's numbers: label judges hold ``params`` as a dict, scorers as a method."""
-    params = getattr(judge, "params", {})
-    return dict(params() if callable(params) else params)
-
-
 def evaluation_protocol(params: Params, prompts: list[str], seeds: list[int], judge) -> dict[str, Any]:
     """Everything that decides the primary judge's scores of a given model: two evaluations are comparable
     (the champion gate compares their numbers) only when these agree. The baseline is not part of it: it
     is what the trained model is compared against inside one evaluation."""
     ep, mp = params.evaluate, params.model
     return {
-        "judge": {"name": params.eval_judge, "params": judge_params(judge)},
+        "judge": {"name": params.eval_judge, "params": dict(judge.params())},  # sources, version, constants
         "model": {"source": mp.source, "revision": mp.revision, "dtype": mp.dtype},
         "sampling": params.sampling.model_dump(),
         "prompts": {"set": ep.prompt_set, "count": len(set(prompts)),

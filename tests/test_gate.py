@@ -7,7 +7,7 @@ import pytest
 from evaluation.evaluate import evaluation_protocol, protocol_fingerprint
 from prefdiff.config import parse_params
 from prefdiff.gate import CHALLENGER, PROMOTE, RE_EVALUATE, Candidate, GateRule, Incumbent, decide
-from prefdiff.labeling.judges import make_judge
+from prefdiff.labeling.pairs import judge_scorer
 
 RULE = GateRule(metric="trained_mean_reward", base_metric="base_mean_reward", min_improvement=0.05)
 P = "a" * 64
@@ -38,7 +38,7 @@ def test_same_protocol_promotes_only_past_the_margin():
 
 def _protocol(**label):
     params = parse_params({"label": label, "evaluate": {"num_prompts": 2, "seeds_per_prompt": 2}})
-    judge = make_judge(params.eval_judge, quality=params.label.jpeg_quality, **params.label.judge_args)
+    judge = judge_scorer(params.eval_judge, params.label.judge_args, params.label.jpeg_quality)
     return protocol_fingerprint(evaluation_protocol(params, ["a cat", "a cat", "a dog", "a dog"], [1, 2, 3, 4], judge))
 
 
