@@ -1,4 +1,4 @@
-# make run   - the whole round (sample -> label -> train -> evaluate -> register) on the offline default,
+# make run   - the whole round (sample -> label -> train -> heldout -> evaluate -> register) on the offline default,
 #              as a Prefect flow on Prefect's embedded server, each task a `dvc repro` stage, tracked in MLflow
 # make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data; one table
 # make test  - the test suite
@@ -57,4 +57,4 @@ mlflow-ui: $(STAMP)
 # Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
 # metrics/ and plots/ stay: the next run rewrites them).
 clean:
-	rm -rf data/trajectories data/preferences models/trained models/checkpoints eval comparisons mlflow.db mlartifacts .prefect
+	rm -rf data/trajectories data/preferences data/heldout models/trained models/checkpoints models/baseline eval comparisons mlflow.db mlartifacts .prefect

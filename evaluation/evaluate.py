@@ -1,15 +1,21 @@
-"""The evaluate stage's library function: base versus trained on held-out prompts with fixed seeds.
+"""The evaluate stage's library function: baseline versus trained on held-out prompts with fixed seeds.
 
-Every (prompt, seed) is generated twice, by the base model and by the model with the trained LoRA, from
-the same initial noise and the same per-step noise (``prefdiff.sampling.sampler``), so the comparison
-is paired. Reported: mean objective reward of each with a 95% t-interval, the paired win-rate of trained
-over base (ties, |difference| <= tie_margin, count as half a win) with a Wilson interval, a grid of base
-vs trained samples, and, from the per-epoch LoRA snapshots, a reward and win-rate curve.
+Every (prompt, seed) is generated twice, by the baseline and by the trained model, from the same initial
+noise and the same per-step noise (``prefdiff.sampling.sampler``), so the comparison is paired. The
+baseline is the base model or the registry champion that ``registry/baseline.json`` names (resolved by the
+round flow; this module never reads the registry). Reported: mean objective reward of each with a 95%
+t-interval; the paired win-rate of trained over the baseline (ties, |difference| <= tie_margin, count as
+half a win) whose headline interval is the prompt-clustered bootstrap (seeds of one prompt are not
+independent trials), with the Wilson interval beside it; the evaluation protocol and its fingerprint (what
+the champion gate compares); a grid of baseline vs trained samples; from the per-epoch snapshots, a reward
+and win-rate curve; and implicit reward accuracy on the held-out pairs of the heldout stage.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import re
 import time
 from collections.abc import Callable
@@ -21,19 +27,21 @@ from typing import Any
 import numpy as np
 
 from evaluation.grid import base_vs_trained_grid, save_png_atomic
-from evaluation.stats import mean_ci, paired_outcomes, win_rate, win_rate_summary
+from evaluation.stats import mean_ci, win_rate_summary
 from prefdiff.config import Params
 from prefdiff.data.atomic import atomic_write_json, atomic_write_text
 from prefdiff.paths import Paths
 from prefdiff.prompts import get_prompt_set
 
 _SNAPSHOT = re.compile(r"epoch-(\d+)")
+# Keys of metrics/eval.json that describe the evaluation rather than measure it (never logged as metrics).
+DESCRIPTIVE_KEYS = frozenset({"protocol"})
 
 
 @dataclass
 class EvalResult:
-    metrics: dict[str, float | int | str]
-    curve: list[dict[str, float]]  # one row per evaluated LoRA (epoch 0 = base)
+    metrics: dict[str, Any]
+    curve: list[dict[str, float]]  # one row per evaluated snapshot (epoch 0 = the baseline itself)
 
 
 def eval_prompts_and_seeds(params: Params, root: Path | None = None) -> tuple[list[str], list[int]]:
@@ -44,9 +52,9 @@ def eval_prompts_and_seeds(params: Params, root: Path | None = None) -> tuple[li
     return [p for p, _ in pairs], [s for _, s in pairs]
 
 
-def _snapshots(lora_dir: Path) -> list[tuple[int, Path]]:
+def _snapshots(trained_dir: Path) -> list[tuple[int, Path]]:
     found = []
-    for path in sorted((lora_dir / "snapshots").glob("epoch-*")):
+    for path in sorted((trained_dir / "snapshots").glob("epoch-*")):
         match = _SNAPSHOT.fullmatch(path.name)
         if match:
             found.append((int(match.group(1)), path))
@@ -77,24 +85,57 @@ def build_scorers(params: Params, progress: Callable[[str], None]) -> tuple[dict
     return scorers, skipped
 
 
-def _baseline(params: Params, paths: Paths, pipe, progress) -> tuple[str, Any]:
-    """("base", no-op) or ("champion vN", context putting the champion's weights into ``pipe``)."""
+def evaluation_protocol(params: Params, prompts: list[str], seeds: list[int], judge) -> dict[str, Any]:
+    """Everything that decides the primary judge's scores of a given model: two evaluations are comparable
+    (the champion gate compares their numbers) only when these agree. The baseline is not part of it: it
+    is what the trained model is compared against inside one evaluation."""
+    ep, mp = params.evaluate, params.model
+    return {
+        "judge": {"name": params.eval_judge, "params": dict(judge.params())},  # sources, version, constants
+        "model": {"source": mp.source, "revision": mp.revision, "dtype": mp.dtype},
+        "sampling": params.sampling.model_dump(),
+        "prompts": {"set": ep.prompt_set, "count": len(set(prompts)),
+                    "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()},
+        "seeds": {"seed": ep.seed, "per_prompt": ep.seeds_per_prompt,
+                  "sha256": hashlib.sha256(",".join(map(str, seeds)).encode()).hexdigest()},
+    }
+
+
+def protocol_fingerprint(protocol: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(protocol, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _baseline(params: Params, paths: Paths, pipe, progress) -> tuple[dict[str, Any], Callable]:
+    """(metrics naming the baseline, context putting its weights into ``pipe``) from ``registry/baseline.json``."""
+    from prefdiff.data import DatasetError
+    from prefdiff.data.baseline import CHAMPION, read_baseline, tree_sha256
     from prefdiff.models.finetuned import trained_weights
 
-    if params.evaluate.baseline == "champion":
-        from prefdiff.registry import champion_weights
+    if params.evaluate.baseline == "base":
+        return {"baseline": "base"}, nullcontext
+    ref = read_baseline(paths.baseline)
+    name = params.register.registered_name(params.train.method)
+    if ref.model_name != name:
+        raise DatasetError(f"{paths.baseline} names the champion of {ref.model_name!r}, but evaluate.baseline: "
+                           f"champion compares against {name!r}'s; resolve it again (the round flow does so "
+                           "before evaluate: flows/round.py resolve_baseline)")
+    if ref.kind != CHAMPION:
+        progress(f"baseline: {ref.note or f'no champion of {name}'}; using the base model")
+        return {"baseline": "base"}, nullcontext
+    weights = paths.root / ref.weights
+    got = tree_sha256(weights)
+    if got != ref.weights_sha256:
+        raise DatasetError(f"{weights}: sha256 {got[:12]}... but {paths.baseline} names {ref.weights_sha256[:12]}...; "
+                           "resolve the baseline again")
+    progress(f"baseline: {name} champion v{ref.version}")
+    return ({"baseline": ref.label, "baseline_model": name, "baseline_version": int(ref.version)},
+            lambda: trained_weights(pipe, weights))
 
-        found = champion_weights(params.register.model_name, paths.root, paths.eval_dir / "champion")
-        if found is not None:
-            version, weights = found
-            progress(f"baseline: {params.register.model_name} champion v{version}")
-            return f"champion v{version}", lambda: trained_weights(pipe, weights)
-        progress(f"baseline: no champion of {params.register.model_name} registered yet; using the base model")
-    return "base", nullcontext
 
-
-def evaluate_lora(params: Params, lora_dir: Path, paths: Paths, *, progress: Callable[[str], None] = print) -> EvalResult:
-    """Score baseline and trained samples with every scorer; write metrics, plots, grid and the HTML report."""
+def evaluate_lora(params: Params, trained_dir: Path, paths: Paths, *,
+                  progress: Callable[[str], None] = print) -> EvalResult:
+    """Score baseline and trained samples with every scorer; write metrics, plots, grid and the HTML report.
+    ``trained_dir``: a LoRA or a full UNet (``prefdiff.models.finetuned``), with epoch snapshots."""
     from prefdiff.models.finetuned import trained_weights
     from prefdiff.models.loading import load_pipeline
     from prefdiff.sampling.sampler import SamplingConfig, generate
@@ -106,7 +147,7 @@ def evaluate_lora(params: Params, lora_dir: Path, paths: Paths, *, progress: Cal
     cfg = SamplingConfig(**params.sampling.model_dump())
     pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
                          revision=params.model.revision)
-    baseline_name, baseline_ctx = _baseline(params, paths, pipe, progress)
+    baseline, baseline_ctx = _baseline(params, paths, pipe, progress)
     began = time.time()
 
     def run(label: str, names: list[str]) -> tuple[list, dict[str, np.ndarray]]:
@@ -116,24 +157,29 @@ def evaluate_lora(params: Params, lora_dir: Path, paths: Paths, *, progress: Cal
                  f"({time.time() - began:.1f} s)")
         return images, scores
 
+    higher = bool(scorers[primary].higher_is_better)
     with baseline_ctx():
-        base_images, base = run(baseline_name, list(scorers))
-    curve = [_curve_row(0, base[primary], base[primary], ep.tie_margin)]
-    snapshots = [(e, p) for e, p in _snapshots(lora_dir) if e < params.train.epochs] if ep.reward_curve else []
+        base_images, base = run(baseline["baseline"], list(scorers))
+    curve = [_curve_row(0, base[primary], base[primary], prompts, ep, higher)]
+    snapshots = [(e, p) for e, p in _snapshots(trained_dir) if e < params.train.epochs] if ep.reward_curve else []
     for epoch, snapshot in snapshots:
         with trained_weights(pipe, snapshot):
-            curve.append(_curve_row(epoch, run(f"epoch {epoch}", [primary])[1][primary], base[primary], ep.tie_margin))
-    with trained_weights(pipe, lora_dir):
+            scores = run(f"epoch {epoch}", [primary])[1][primary]
+        curve.append(_curve_row(epoch, scores, base[primary], prompts, ep, higher))
+    with trained_weights(pipe, trained_dir):
         trained_images, trained = run("trained", list(scorers))
-    curve.append(_curve_row(params.train.epochs, trained[primary], base[primary], ep.tie_margin))
+    curve.append(_curve_row(params.train.epochs, trained[primary], base[primary], prompts, ep, higher))
 
-    metrics: dict[str, Any] = _metrics(primary, base[primary], trained[primary], ep.tie_margin)
-    metrics["baseline"] = baseline_name
-    metrics["scorers"] = {name: _scorer_metrics(scorers[name], base[name], trained[name], prompts, ep)
-                          for name in scorers}
+    per_scorer = {name: _scorer_metrics(scorers[name], base[name], trained[name], prompts, ep) for name in scorers}
+    protocol = evaluation_protocol(params, prompts, seeds, scorers[primary])
+    metrics: dict[str, Any] = _headline(primary, base[primary], trained[primary], per_scorer[primary])
+    metrics |= baseline
+    metrics["protocol_fingerprint"] = protocol_fingerprint(protocol)
+    metrics["protocol"] = protocol
+    metrics["scorers"] = per_scorer
     metrics["skipped_scorers"] = {name: reason for name, reason in skipped}
     if ep.implicit_accuracy:
-        metrics["implicit"] = implicit_metrics(params, paths, pipe, lora_dir, scorers[primary], progress)
+        metrics["implicit"] = implicit_metrics(params, paths, pipe, trained_dir, progress)
     _write_outputs(paths, prompts, seeds, base, trained, curve, metrics)
     captions = [f"{p} #{s}" for p, s in zip(prompts, seeds)]
     cols = _grid_columns(len(prompts), ep.grid_columns, ep.seeds_per_prompt)
@@ -157,10 +203,12 @@ def _scorer_metrics(scorer, base: np.ndarray, trained: np.ndarray, prompts: list
             "trained_mean": t.mean, "trained_ci_low": t.low, "trained_ci_high": t.high, **summary.as_dict()}
 
 
-def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, judge, progress) -> dict[str, Any]:
-    """Implicit reward accuracy of the trained model on held-out pairs (evaluation/implicit.py)."""
+def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, progress) -> dict[str, Any]:
+    """Implicit reward accuracy of the trained model on held-out pairs (evaluation/implicit.py): those of
+    ``evaluate.implicit_pairs``, else the heldout stage's ``data/heldout``."""
     from evaluation.implicit import elbo_implicit_accuracy, trajectory_implicit_accuracy
-    from prefdiff.data.preferences import PreferenceStore
+    from prefdiff.data.preferences import PreferenceStore, workspace_ref
+    from prefdiff.data.trajectories import TrajectoryStore
 
     ep, tp = params.evaluate, params.train
     if ep.implicit_pairs:
@@ -168,12 +216,15 @@ def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, judge, p
         prefs, trajectories = PreferenceStore.open(source), None
         if prefs.source_kind == "trajectories":
             raise ValueError(f"evaluate.implicit_pairs {source}: give an image-pair dataset (e.g. an imported "
-                             "Pick-a-Pic test split); trajectory pairs are sampled by the evaluate stage itself")
-        progress(f"implicit accuracy on the pairs of {source}")
+                             "Pick-a-Pic test split); trajectory pairs come from the heldout stage")
+        label = str(ep.implicit_pairs)
     else:
-        trajectories, prefs = heldout_pairs(params, paths, pipe, judge, progress)
-    out: dict[str, Any] = {"pairs_source": str(ep.implicit_pairs or "sampled held-out groups"),
-                           "dpo_beta": tp.diffusion_dpo.official_beta}
+        trajectories = TrajectoryStore.open(paths.heldout / "trajectories")
+        prefs = PreferenceStore.open(paths.heldout / "preferences")
+        prefs.check_trajectories(trajectories)
+        label = workspace_ref(paths.heldout)
+    progress(f"implicit accuracy on the pairs of {label}")
+    out: dict[str, Any] = {"pairs_source": label, "dpo_beta": tp.diffusion_dpo.official_beta}
     image_pairs = prefs.image_pairs(trajectories)
     if image_pairs:
         out |= elbo_implicit_accuracy(pipe, trained, image_pairs, beta=tp.diffusion_dpo.official_beta, draws=ep.implicit_draws,
@@ -187,49 +238,42 @@ def implicit_metrics(params: Params, paths: Paths, pipe, trained: Path, judge, p
     return out
 
 
-def heldout_pairs(params: Params, paths: Paths, pipe, judge, progress):
-    """Groups of 2 sampled by the base on the evaluation prompts with seeds no training or evaluation sample
-    uses, ranked by the primary judge: held-out preference pairs with trajectories, under ``eval/heldout``."""
-    from prefdiff.data.preferences import PreferenceStore
-    from prefdiff.data.trajectories import TrajectoryStore
-    from prefdiff.labeling.pairs import label_trajectories
-    from prefdiff.sampling.dataset import sample_dataset
-
-    ep = params.evaluate
-    sample = params.sample.model_copy(update={
-        "prompt_set": ep.prompt_set, "num_prompts": ep.num_prompts, "groups_per_prompt": ep.implicit_groups_per_prompt,
-        "images_per_group": 2, "seed": ep.seed + 7_777_777, "batch_size": ep.batch_size})
-    hparams = params.model_copy(update={"sample": sample})
-    root = paths.eval_dir / "heldout"
-    progress(f"held-out pairs: {ep.implicit_groups_per_prompt} groups of 2 per evaluation prompt, judged by {judge.name}")
-    sample_dataset(hparams, root / "trajectories", progress=lambda _: None, pipe=pipe, root=paths.root)
-    store = TrajectoryStore.open(root / "trajectories")
-    label_trajectories(store, judge, root / "preferences", progress=lambda _: None)
-    return store, PreferenceStore.open(root / "preferences")
+def report_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """One report row per scorer; ``win_rate_ci`` is the headline (prompt-clustered bootstrap) interval."""
+    rows = []
+    for name, m in metrics["scorers"].items():
+        rows.append({"metric": "mean score", "scorer": name, "base": m["base_mean"], "trained": m["trained_mean"],
+                     "diff": m["mean_diff"], "ci_low": m["mean_diff_low"], "ci_high": m["mean_diff_high"],
+                     "win_rate": m["win_rate"], "win_rate_ci": (m["win_rate_boot_low"], m["win_rate_boot_high"]),
+                     "wins": m["wins"], "losses": m["losses"], "ties": m["ties"], "p_value": m["sign_test_p"],
+                     "win_rate_ci_wilson": (m["win_rate_wilson_low"], m["win_rate_wilson_high"]),
+                     "n_prompts": m["n_prompts"], "decisive_rate": m["decisive_rate"]})
+    return rows
 
 
 def write_report(out: Path, params: Params, metrics: dict[str, Any], skipped, image_pairs) -> Path:
     from evaluation.report import render_report
 
-    rows = []
-    for name, m in metrics["scorers"].items():
-        rows.append({"metric": "mean score", "scorer": name, "base": m["base_mean"], "trained": m["trained_mean"],
-                     "diff": m["mean_diff"], "ci_low": m["mean_diff_low"], "ci_high": m["mean_diff_high"],
-                     "win_rate": m["win_rate"],
-                     "win_rate_ci": f"[{m['win_rate_wilson_low']:.3f}, {m['win_rate_wilson_high']:.3f}] Wilson; "
-                                    f"[{m['win_rate_boot_low']:.3f}, {m['win_rate_boot_high']:.3f}] bootstrap",
-                     "wins": m["wins"], "losses": m["losses"], "ties": m["ties"], "p_value": m["sign_test_p"],
-                     "decisive_rate": m["decisive_rate"]})
-    extra = {"Implicit reward accuracy (held-out pairs)": metrics["implicit"]} if "implicit" in metrics else None
+    extra: dict[str, Any] = {
+        "Win-rate intervals": "win_rate_ci: 95% prompt-clustered bootstrap (whole prompts resampled: the seeds of "
+                              "one prompt are not independent trials); win_rate_ci_wilson: Wilson, treating every "
+                              "sample as independent (optimistic when a prompt has several seeds).",
+        "Evaluation protocol": {"fingerprint": metrics["protocol_fingerprint"], **metrics["protocol"]},
+    }
+    if "implicit" in metrics:
+        extra["Implicit reward accuracy (held-out pairs)"] = metrics["implicit"]
     title = f"prefdiff evaluation: trained ({params.train.method}) vs {metrics['baseline']}"
-    return render_report(out, title=title, metrics_table=rows, skipped=list(skipped), image_pairs=image_pairs,
-                         extra_sections=extra, params=params.model_dump())
+    return render_report(out, title=title, metrics_table=report_rows(metrics), skipped=list(skipped),
+                         image_pairs=image_pairs, extra_sections=extra, params=params.model_dump())
 
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric leaves as stable flat names: ``win_rate``, ``scorers/pickscore/win_rate``, ``implicit/...``."""
+    """Numeric leaves as stable flat names: ``win_rate``, ``scorers/pickscore/win_rate``, ``implicit/...``
+    (the protocol description is left out: its numbers are settings, not measurements)."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
+        if key in DESCRIPTIVE_KEYS:
+            continue
         if isinstance(value, dict):
             out |= flat_metrics(value, f"{prefix}{key}/")
         elif isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value):
@@ -243,23 +287,30 @@ def _grid_columns(n: int, columns: int, per_prompt: int) -> list[int]:
     return order[:columns]
 
 
-def _curve_row(epoch: int, scores: np.ndarray, base: np.ndarray, tie_margin: float) -> dict[str, float]:
+def _win_rate_columns(s: dict[str, Any]) -> dict[str, float]:
+    """The headline win-rate with its prompt-clustered bootstrap interval, Wilson beside it."""
+    return {"win_rate": s["win_rate"], "win_rate_low": s["win_rate_boot_low"], "win_rate_high": s["win_rate_boot_high"],
+            "win_rate_wilson_low": s["win_rate_wilson_low"], "win_rate_wilson_high": s["win_rate_wilson_high"]}
+
+
+def _curve_row(epoch: int, scores: np.ndarray, base: np.ndarray, prompts: list[str], ep,
+               higher_is_better: bool) -> dict[str, float]:
     mean = mean_ci(scores)
-    wr = win_rate(paired_outcomes(scores, base, tie_margin))
+    summary = win_rate_summary(scores, base, prompts, tie_margin=ep.tie_margin, higher_is_better=higher_is_better,
+                               n_boot=ep.bootstrap_samples, seed=ep.seed).as_dict()
     return {"epoch": epoch, "mean_reward": mean.mean, "ci_low": mean.low, "ci_high": mean.high,
-            "win_rate": wr.win_rate, "win_rate_low": wr.low, "win_rate_high": wr.high}
+            **_win_rate_columns(summary)}
 
 
-def _metrics(judge: str, base: np.ndarray, trained: np.ndarray, tie_margin: float) -> dict[str, float | int | str]:
+def _headline(judge: str, base: np.ndarray, trained: np.ndarray, summary: dict[str, Any]) -> dict[str, Any]:
     b, t = mean_ci(base), mean_ci(trained)
-    wr = win_rate(paired_outcomes(trained, base, tie_margin))
     return {
-        "judge": judge, "num_samples": int(len(base)),
+        "judge": judge, "num_samples": int(len(base)), "num_prompts": summary["n_prompts"],
         "base_mean_reward": b.mean, "base_ci_low": b.low, "base_ci_high": b.high,
         "trained_mean_reward": t.mean, "trained_ci_low": t.low, "trained_ci_high": t.high,
         "reward_gain": t.mean - b.mean,
-        "win_rate": wr.win_rate, "win_rate_low": wr.low, "win_rate_high": wr.high,
-        "wins": wr.wins, "losses": wr.losses, "ties": wr.ties,
+        **_win_rate_columns(summary), "win_rate_interval": "prompt-clustered bootstrap",
+        "wins": summary["wins"], "losses": summary["losses"], "ties": summary["ties"],
     }
 
 
@@ -273,9 +324,12 @@ def _csv_text(rows: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
+WIN_RATE_FIELDS = ["win_rate", "win_rate_low", "win_rate_high", "win_rate_wilson_low", "win_rate_wilson_high"]
+
+
 def _write_outputs(paths: Paths, prompts, seeds, base, trained, curve, metrics) -> None:
-    """eval/samples.csv (every scorer, base and trained, per sample), the curve plots, plots/scorers.csv
-    (win-rate per scorer with both intervals) and metrics/eval.json."""
+    """eval/samples.csv (every scorer, baseline and trained, per sample), the curve plots, plots/scorers.csv
+    (win-rate per scorer, bootstrap and Wilson intervals) and metrics/eval.json."""
     for target in (paths.eval_dir, paths.eval_metrics.parent, paths.reward_curve_plot.parent):
         target.mkdir(parents=True, exist_ok=True)
     primary = metrics["judge"]
@@ -292,11 +346,8 @@ def _write_outputs(paths: Paths, prompts, seeds, base, trained, curve, metrics) 
     atomic_write_text(paths.reward_curve_plot,
                       _csv_text([{k: r[k] for k in ("epoch", "mean_reward", "ci_low", "ci_high")} for r in curve],
                                 ["epoch", "mean_reward", "ci_low", "ci_high"]))
-    atomic_write_text(paths.winrate_plot,
-                      _csv_text([{k: r[k] for k in ("epoch", "win_rate", "win_rate_low", "win_rate_high")} for r in curve],
-                                ["epoch", "win_rate", "win_rate_low", "win_rate_high"]))
-    per_scorer = [{"scorer": n, "win_rate": m["win_rate"], "wilson_low": m["win_rate_wilson_low"],
-                   "wilson_high": m["win_rate_wilson_high"], "boot_low": m["win_rate_boot_low"],
-                   "boot_high": m["win_rate_boot_high"]} for n, m in metrics["scorers"].items()]
-    atomic_write_text(paths.scorers_plot, _csv_text(per_scorer, list(per_scorer[0])))
+    atomic_write_text(paths.winrate_plot, _csv_text([{k: r[k] for k in ["epoch", *WIN_RATE_FIELDS]} for r in curve],
+                                                    ["epoch", *WIN_RATE_FIELDS]))
+    per_scorer = [{"scorer": n, **_win_rate_columns(m)} for n, m in metrics["scorers"].items()]
+    atomic_write_text(paths.scorers_plot, _csv_text(per_scorer, ["scorer", *WIN_RATE_FIELDS]))
     atomic_write_json(paths.eval_metrics, metrics)

@@ -1,12 +1,15 @@
-"""One D3PO round as a Prefect flow: each DVC stage is one task, all tracked in ONE MLflow run.
+"""One preference round as a Prefect flow: each DVC stage is one task, all tracked in ONE MLflow run.
 
-    sample -> label -> train -> evaluate -> register        (dvc.yaml; each `python -m stages.<name>`)
+    sample -> label -> train -> heldout -> evaluate -> register   (dvc.yaml; each `python -m stages.<name>`)
 
-Who owns what (reference note, section 1): DVC owns the DAG and decides whether a stage must re-run,
-Prefect owns running it (logs, retries of I/O, schedules, concurrency), MLflow owns what came out.
+Who owns what: DVC owns the DAG and decides whether a stage must re-run, Prefect owns running it (logs,
+retries of I/O, schedules, concurrency), MLflow owns what came out.
 
 - ``open_parent_run`` creates the round's MLflow run and ends it at once; every stage subprocess gets
   its id as ``MLFLOW_RUN_ID`` and resumes it (``prefdiff.tracking.stage_run``), so stages log into it.
+- ``resolve_baseline`` runs before the evaluate stage: it writes the registry's current champion (for
+  ``evaluate.baseline: champion``) into ``registry/baseline.json`` and its weights into ``models/baseline``,
+  files the evaluate stage depends on, so DVC re-runs evaluate exactly when the champion moved.
 - ``run_stage`` runs ``dvc repro --single-item <stage>`` and streams its output line by line into the
   Prefect log. Compute is not retried and never cached by Prefect: DVC's own skip logic is the cache.
 - ``log_round`` logs what a skipped stage could not: DVC skips unchanged stages and a skipped stage
@@ -38,7 +41,7 @@ from prefect.exceptions import MissingContextError
 from prefdiff.config import load_params
 from prefdiff.paths import REPO_ROOT, Paths
 
-STAGES: tuple[str, ...] = ("sample", "label", "train", "evaluate", "register")
+STAGES: tuple[str, ...] = ("sample", "label", "train", "heldout", "evaluate", "register")
 TAIL_LINES = 40
 # Per-step training curves the train stage logs as train/<k> at every step; their values in
 # metrics/train.json are final-epoch means, logged as train/final_<k> (the stage's own names) so
@@ -158,6 +161,22 @@ def open_parent_run(repo: str, experiment: str, run_name: str | None = None) -> 
     mlflow.end_run()
     log.info(f"MLflow run {run.info.run_id} ({run.info.run_name}) in experiment {experiment!r} at {tracking_uri(Path(repo))}")
     return run.info.run_id
+
+
+@task(name="resolve-baseline", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_io_error,
+      cache_policy=NO_CACHE)
+def resolve_baseline(repo: str) -> dict[str, Any]:
+    """``registry/baseline.json`` (+ ``models/baseline``) from the registry, for the evaluate stage to
+    depend on: the base model, or the current champion of the registered model (``evaluate.baseline``)."""
+    from prefdiff.registry import resolve_baseline as resolve
+
+    params = load_params(Paths(Path(repo)).params)
+    name = params.register.registered_name(params.train.method)
+    ref, changed = resolve(Path(repo), params.evaluate.baseline, name)
+    what = f"{ref.label} of {name}" if ref.model_name else ref.label
+    _logger().info(f"baseline: {what}{f' ({ref.note})' if ref.note else ''}; registry/baseline.json "
+                   f"{'changed' if changed else 'unchanged'}")
+    return {"baseline": ref.label, "changed": changed}
 
 
 def _dvc_executable() -> str:
@@ -346,23 +365,28 @@ def ui_hint(uri: str) -> str:
 
 
 def summarize(result: dict[str, Any], uri: str, experiment: str) -> str:
-    """A few human lines: win-rate with interval, trained vs base reward, registry decision, UI hint."""
+    """A few human lines: win-rate with its prompt-clustered bootstrap interval (Wilson beside it),
+    trained vs baseline reward, the registry decision and its reason, the UI hint."""
     ev, dec = result.get("eval") or {}, result.get("decision") or {}
-    lines = [f"D3PO round done: MLflow run {result.get('run_id')} (experiment {experiment!r})"]
+    lines = [f"Round done: MLflow run {result.get('run_id')} (experiment {experiment!r})"]
     stages = result.get("stages")
     if stages:
         lines.append("  stages      : " + ", ".join(f"{s} {'ran' if r else 'skipped'}" for s, r in stages.items()))
     if {"win_rate", "win_rate_low", "win_rate_high"} <= ev.keys():
-        lines.append(f"  win-rate    : {ev['win_rate']:.3f}  (95% interval {ev['win_rate_low']:.3f} - "
-                     f"{ev['win_rate_high']:.3f}; W {ev.get('wins')} / L {ev.get('losses')} / T {ev.get('ties')} "
-                     f"over {ev.get('num_samples')} paired samples)")
+        wilson = (f"; Wilson {ev['win_rate_wilson_low']:.3f} - {ev['win_rate_wilson_high']:.3f}"
+                  if {"win_rate_wilson_low", "win_rate_wilson_high"} <= ev.keys() else "")
+        lines.append(f"  win-rate    : {ev['win_rate']:.3f}  (95% prompt-clustered bootstrap "
+                     f"{ev['win_rate_low']:.3f} - {ev['win_rate_high']:.3f} over {ev.get('num_prompts')} prompts"
+                     f"{wilson}; W {ev.get('wins')} / "
+                     f"L {ev.get('losses')} / T {ev.get('ties')} over {ev.get('num_samples')} paired samples)")
     if {"trained_mean_reward", "base_mean_reward"} <= ev.keys():
-        lines.append(f"  reward      : trained {ev['trained_mean_reward']:.4f} vs base {ev['base_mean_reward']:.4f} "
-                     f"({ev.get('judge', 'judge')}; gain {ev['trained_mean_reward'] - ev['base_mean_reward']:+.4f})")
+        lines.append(f"  reward      : trained {ev['trained_mean_reward']:.4f} vs {ev.get('baseline', 'base')} "
+                     f"{ev['base_mean_reward']:.4f} ({ev.get('judge', 'judge')}; gain "
+                     f"{ev['trained_mean_reward'] - ev['base_mean_reward']:+.4f})")
     if dec:
         how = "already registered, kept" if dec.get("reused") else "registered"
-        lines.append(f"  registry    : {dec.get('model_name')} v{dec.get('version')} -> {dec.get('alias')} ({how}; "
-                     f"{dec.get('gate_metric')} {dec.get('value')} vs {dec.get('compared_with')} {dec.get('compared_to')})")
+        lines.append(f"  registry    : {dec.get('model_name')} v{dec.get('version')} -> {dec.get('alias')} ({how}): "
+                     f"{dec.get('reason')}")
     lines.append(f"  MLflow UI   : {ui_hint(uri)}")
     return "\n".join(lines)
 
@@ -388,11 +412,13 @@ def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException,
 
 
 @flow(name="d3po-round", log_prints=True,
-      description="One D3PO round: sample -> label -> train -> evaluate -> register (DVC stages), tracked in MLflow.")
+      description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), "
+                  "tracked in MLflow.")
 def d3po_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
-    """Run the pipeline's DVC stages (default: all five, in order) in ``repo`` (default: this repo),
-    each as a task, all logging into one new MLflow run; then log the final metrics, lineage and
-    artifacts from files. Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
+    """Run the pipeline's DVC stages (default: all six, in order) in ``repo`` (default: this repo),
+    each as a task, all logging into one new MLflow run (the baseline resolved before evaluate); then log
+    the final metrics, lineage and artifacts from files.
+    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
     root = Path(repo).resolve() if repo else REPO_ROOT
     repo_s = str(root)
     params = load_params(Paths(root).params)  # fail fast, naming the key, before anything heavy
@@ -410,6 +436,8 @@ def d3po_round(repo: str | None = None, stages: list[str] | None = None, run_nam
     try:
         for stage in todo:
             current = stage
+            if stage == "evaluate":
+                resolve_baseline(repo_s)
             results.append(run_stage(stage, repo_s, run_id))
         current = None
         result = log_round(repo_s, run_id, results)

@@ -303,7 +303,8 @@ class EvaluateParams(_Section):
     # on this machine are skipped and listed with the reason in metrics and the report.
     scorers: list[str] = Field(default_factory=list)
     scorer_args: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per scorer: sources, device, dtype...
-    baseline: Literal["base", "champion"] = "base"  # compare against the base or the registry's champion
+    # compare against the base, or the registry's champion (resolved into registry/baseline.json by the flow)
+    baseline: Literal["base", "champion"] = "base"
     tie_margin: float = Field(0.0, ge=0.0)
     bootstrap_samples: int = Field(2000, ge=100)  # prompt-clustered bootstrap resamples for win-rate CIs
     batch_size: int = Field(16, ge=1)
@@ -339,10 +340,18 @@ class EvaluateParams(_Section):
 
 class RegisterParams(_Section):
     experiment: str = Field("prefdiff", min_length=1)
-    model_name: str = Field("prefdiff-d3po-lora", min_length=1)
+    # MLflow registered model; None: "prefdiff-<train.method>" (one model per method: LoRAs and full UNets alike)
+    model_name: str | None = Field(None, min_length=1)
     gate_metric: str = "trained_mean_reward"
     base_metric: str | None = "base_mean_reward"
     min_improvement: float = 0.0
+    # Also require the lower end of the prompt-clustered bootstrap interval of the win-rate over the
+    # evaluation's baseline to exceed this (e.g. 0.5: significantly better than it); None: not required.
+    min_win_rate_low: float | None = Field(None, ge=0.0, lt=1.0)
+
+    def registered_name(self, method: str) -> str:
+        """The registered model this run's weights go to: ``model_name``, or ``prefdiff-<method>``."""
+        return self.model_name or f"prefdiff-{method}"
 
 
 class CompareParams(_Section):

@@ -2,7 +2,7 @@
 
 Stages run with the DVC workspace as the current directory, so ``Paths(Path.cwd())`` is what they use;
 tests build a ``Paths`` on a temporary directory. ``dvc.yaml`` repeats these relative paths (DVC needs
-them literally); ``tests/test_dvc_yaml.py`` checks the two agree.
+them literally); ``tests/test_dvc_pipeline.py`` checks the two agree.
 """
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ class Paths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "models" / "checkpoints"
+
+    @property
+    def heldout(self) -> Path:
+        """Held-out preference pairs (``trajectories/`` and ``preferences/``) for implicit reward accuracy."""
+        return self.root / "data" / "heldout"
+
+    @property
+    def baseline(self) -> Path:
+        """What the evaluation compares against: the base, or a registry champion named by version and the
+        sha256 of its weights (written by the flow before the evaluate stage, a DVC dependency of it)."""
+        return self.root / "registry" / "baseline.json"
+
+    @property
+    def baseline_weights(self) -> Path:
+        """The champion's weights (LoRA or full UNet) when ``baseline`` names one."""
+        return self.root / "models" / "baseline"
 
     @property
     def eval_dir(self) -> Path:

@@ -1,37 +1,47 @@
-"""Register a trained LoRA in the MLflow Model Registry and gate it against the champion.
+"""Register trained weights (a LoRA or a full UNet) in the MLflow Model Registry, gated against the champion.
 
-Registry writes are side effects, not reproducible outputs, so this runs in the Prefect flow after the
-DVC stages, never as a DVC stage. It is idempotent: the inputs (LoRA files, eval metrics, model config,
-model name) are fingerprinted, and a version already carrying that fingerprint is returned as is, so
-re-running a flow whose DVC stages were all skipped creates no duplicate version and moves no alias.
+Registry writes are side effects, not reproducible outputs: the register stage (or the flow) calls
+``register_model`` after evaluation. It is idempotent: the inputs (weight files, eval metrics, model
+config, model name) are fingerprinted, and a version already carrying that fingerprint is returned as is,
+so re-running a round whose DVC stages were all skipped creates no duplicate version and moves no alias.
 
-Gate (higher is better): the new version becomes ``champion`` only if
-``value > compared + min_improvement``, where ``compared`` is the current champion's
-``prefdiff.gate_value`` tag, or, with no champion yet, ``eval_metrics[base_metric]`` (the base model's
-score in the same evaluation), or -inf when ``base_metric`` is None. Otherwise it becomes ``challenger``.
+The decision is ``prefdiff.gate.decide``: the new version becomes ``champion`` only when its gate metric,
+measured under the same evaluation protocol as the champion's (or re-measured in this evaluation with the
+champion as baseline), beats it; every version carries its protocol fingerprint as a tag.
+
+``resolve_baseline`` turns the registry's current champion into ``registry/baseline.json`` plus the
+weights under ``models/baseline``: files DVC hashes, so the evaluate stage re-runs when the champion moves.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
-import math
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from prefdiff import tracking
-from prefdiff.data.atomic import sha256_file
+from prefdiff.data.baseline import BASE, BaselineRef, read_baseline, tree_sha256, write_baseline
+from prefdiff.data.baseline import CHAMPION as CHAMPION_KIND
+from prefdiff.gate import PROMOTE, Candidate, Decision, GateRule, Incumbent, decide
+from prefdiff.paths import Paths
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_FINGERPRINT = "prefdiff.fingerprint"
+TAG_PROTOCOL = "prefdiff.protocol"
 TAG_GATE_METRIC = "prefdiff.gate_metric"
 TAG_GATE_VALUE = "prefdiff.gate_value"
+TAG_GATE_ACTION = "prefdiff.gate_action"
+TAG_GATE_REASON = "prefdiff.gate_reason"
 TAG_COMPARED_TO = "prefdiff.compared_to"
 TAG_COMPARED_WITH = "prefdiff.compared_with"
 TAG_MIN_IMPROVEMENT = "prefdiff.min_improvement"
+WEIGHTS_ARTIFACT = "weights"  # key of the weights dir among the pyfunc model's artifacts
+MAX_TAG_VALUE = 5000  # MLflow's limit on a model-version tag value
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PYFUNC_MODEL_FILE = PACKAGE_DIR / "serving" / "pyfunc_model.py"
@@ -41,14 +51,19 @@ PREDICT_PARAMS: dict[str, Any] = {"seed": 0, "num_inference_steps": 20, "guidanc
 
 
 @dataclass(frozen=True)
-class Decision:
+class Registration:
+    """What ``register_model`` did (registry/decision.json)."""
+
     model_name: str
     version: int
     alias: str  # "champion" | "challenger"
+    action: str  # prefdiff.gate: promote | challenger | re-evaluate
+    reason: str
     gate_metric: str
     value: float
-    compared_to: float | None  # the number the gate compared against (None: nothing to compare)
-    compared_with: str  # "champion vN" | "base" | "none"
+    compared_to: float | None  # the number the gate compared against (None: nothing comparable)
+    compared_with: str  # as prefdiff.gate.Decision.compared_with
+    protocol: str  # protocol fingerprint of the evaluation
     fingerprint: str
     reused: bool  # True: this exact input was already registered; nothing was logged or moved
 
@@ -56,19 +71,16 @@ class Decision:
         return asdict(self)
 
 
-def fingerprint(lora_dir: Path, eval_metrics: dict, model_config: dict, model_name: str) -> str:
-    """sha256 over: each file of ``lora_dir`` (relative path + sha256, sorted by path), then
-    ``json(eval_metrics)``, ``json(model_config)`` (sorted keys) and ``model_name``."""
-    lora_dir = Path(lora_dir)
-    if not lora_dir.is_dir():
-        raise FileNotFoundError(f"LoRA directory {lora_dir} does not exist")
-    files = sorted(p for p in lora_dir.rglob("*") if p.is_file())
-    if not files:
-        raise ValueError(f"LoRA directory {lora_dir} holds no files")
+def fingerprint(weights_dir: Path, eval_metrics: dict, model_config: dict, model_name: str) -> str:
+    """sha256 over the weights' tree hash (``prefdiff.data.baseline.tree_sha256``), ``json(eval_metrics)``,
+    ``json(model_config)`` (sorted keys) and ``model_name``."""
+    import hashlib
+
+    weights_dir = Path(weights_dir)
+    if not weights_dir.is_dir():
+        raise FileNotFoundError(f"weights directory {weights_dir} does not exist")
     h = hashlib.sha256()
-    for path in files:
-        rel = path.relative_to(lora_dir).as_posix()
-        h.update(f"file {rel} {sha256_file(path)}\n".encode())
+    h.update(f"weights {tree_sha256(weights_dir)}\n".encode())
     h.update(b"metrics " + json.dumps(eval_metrics, sort_keys=True, default=str).encode() + b"\n")
     h.update(b"config " + json.dumps(model_config, sort_keys=True, default=str).encode() + b"\n")
     h.update(b"name " + model_name.encode())
@@ -77,13 +89,26 @@ def fingerprint(lora_dir: Path, eval_metrics: dict, model_config: dict, model_na
 
 def _metric(eval_metrics: dict, key: str, role: str) -> float:
     if key not in eval_metrics:
-        raise ValueError(
-            f"{role} {key!r} is not in the eval metrics; available keys: {sorted(eval_metrics)}"
-        )
+        raise ValueError(f"{role} {key!r} is not in the eval metrics; available keys: {sorted(eval_metrics)}")
     try:
         return float(eval_metrics[key])
     except (TypeError, ValueError) as e:
         raise ValueError(f"{role} {key!r} = {eval_metrics[key]!r} is not a number") from e
+
+
+def candidate_from_metrics(eval_metrics: dict, rule: GateRule) -> Candidate:
+    """The gate's view of metrics/eval.json; raises ValueError naming a missing or non-numeric key."""
+    value = _metric(eval_metrics, rule.metric, "gate_metric")
+    base = None if rule.base_metric is None else _metric(eval_metrics, rule.base_metric, "base_metric")
+    protocol = eval_metrics.get("protocol_fingerprint")
+    if not isinstance(protocol, str) or not protocol:
+        raise ValueError("the eval metrics have no 'protocol_fingerprint' (written by the evaluate stage); "
+                         "re-run evaluate before registering")
+    low = eval_metrics.get("win_rate_low")
+    version = eval_metrics.get("baseline_version")
+    return Candidate(value=value, protocol=protocol, baseline_value=base,
+                     baseline_version=None if version is None else int(version),
+                     win_rate_low=None if low is None else float(low))
 
 
 def pip_requirements() -> list[str]:
@@ -103,7 +128,7 @@ def pip_requirements() -> list[str]:
 def model_signature():
     """Input: DataFrame with a string column ``prompt``; output: prompt, seed, png (bytes);
     params with defaults. ``predict`` stays untyped in the model file: type hints there would make
-    MLflow override this signature and drop the params (reference note, section 4)."""
+    MLflow infer a signature from them, override this one and drop the params."""
     import pandas as pd
     from mlflow.models import infer_signature
 
@@ -131,121 +156,54 @@ def _champion(client, model_name: str):
         return None
 
 
-def champion_weights(model_name: str, root: Path, dest: Path) -> tuple[str, Path] | None:
-    """The current champion's trained weights (LoRA or full UNet dir) downloaded under ``dest``, with its
-    version; None when the model has no champion yet (then the base is the baseline)."""
-    import mlflow
-
-    from prefdiff.models.finetuned import is_full_unet
-    from prefdiff.models.lora import LORA_WEIGHT_NAME
-    from prefdiff.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(root))
-    client = mlflow.MlflowClient()
+def _incumbent(client, model_name: str) -> Incumbent | None:
     champ = _champion(client, model_name)
     if champ is None:
         return None
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}@{CHAMPION}",
-                                                     dst_path=str(dest)))
-    found = [p.parent for p in local.rglob(LORA_WEIGHT_NAME)] + [p.parent.parent for p in local.rglob("config.json")
-                                                                 if p.parent.name == "unet" and is_full_unet(p.parent.parent)]
-    found = [p for p in found if "snapshots" not in p.parts]
-    if not found:
-        raise FileNotFoundError(f"{model_name} champion v{champ.version}: no LoRA or UNet weights in its artifacts at {local}")
-    return str(champ.version), found[0]
+    tags = champ.tags or {}
+    if TAG_GATE_VALUE not in tags:
+        raise ValueError(f"{model_name} champion v{champ.version} has no {TAG_GATE_VALUE!r} tag (not registered by "
+                         "prefdiff?); tag it or remove the alias before gating against it")
+    return Incumbent(version=int(champ.version), value=float(tags[TAG_GATE_VALUE]),
+                     metric=tags.get(TAG_GATE_METRIC, ""), protocol=tags.get(TAG_PROTOCOL) or None)
 
 
 def _optional_float(text: str | None) -> float | None:
     return None if text in (None, "", "None") else float(text)
 
 
-def register_lora(
-    *,
-    root: Path,
-    lora_dir: Path,
-    eval_metrics: dict,
-    model_config: dict,
-    model_name: str,
-    gate_metric: str,
-    base_metric: str | None,
-    min_improvement: float,
-    experiment: str = tracking.DEFAULT_EXPERIMENT,
-) -> Decision:
-    """Log ``lora_dir`` as a pyfunc model, register it as a new version of ``model_name``, and set
-    alias ``champion`` or ``challenger`` by the gate (module docstring). Idempotent (fingerprint).
-
-    Logs into the active MLflow run if there is one, else into a new run named ``register`` in
-    ``experiment``. ``model_config`` is stored with the model and read by the serving code
-    (``base_source``, ``dtype``, ``device``).
-    """
-    import mlflow
-
-    root = Path(root).resolve()
-    lora_dir = Path(lora_dir).resolve()
-    value = _metric(eval_metrics, gate_metric, "gate_metric")
-    if base_metric is not None:
-        _metric(eval_metrics, base_metric, "base_metric")
-    if "base_source" not in model_config:
-        raise ValueError(
-            f"model_config needs 'base_source' (the base pipeline the served model loads); "
-            f"got keys {sorted(model_config)}"
-        )
-    fp = fingerprint(lora_dir, eval_metrics, model_config, model_name)
-
-    tracking.ensure_experiment(experiment, root)
-    client = mlflow.MlflowClient()
-
-    existing = _find_version(client, model_name, fp)
-    if existing is not None:
-        champ = _champion(client, model_name)
-        tags = existing.tags or {}
-        return Decision(
-            model_name=model_name,
-            version=int(existing.version),
-            alias=CHAMPION if champ is not None and champ.version == existing.version else CHALLENGER,
-            gate_metric=tags.get(TAG_GATE_METRIC, gate_metric),
-            value=float(tags.get(TAG_GATE_VALUE, value)),
-            compared_to=_optional_float(tags.get(TAG_COMPARED_TO)),
-            compared_with=tags.get(TAG_COMPARED_WITH, "none"),
-            fingerprint=fp,
-            reused=True,
-        )
-
-    # Gate decided before registering, against the champion as it is now.
+def _reused(client, model_name: str, existing, fp: str) -> Registration:
+    """The registration an earlier, identical call made (read back from its tags)."""
     champ = _champion(client, model_name)
-    if champ is not None:
-        champ_tags = champ.tags or {}
-        if TAG_GATE_VALUE not in champ_tags:
-            raise ValueError(
-                f"{model_name} champion v{champ.version} has no {TAG_GATE_VALUE!r} tag (not registered by "
-                "prefdiff?); tag it or remove the alias before gating against it"
-            )
-        champ_metric = champ_tags.get(TAG_GATE_METRIC, gate_metric)
-        if champ_metric != gate_metric:
-            raise ValueError(
-                f"{model_name} champion v{champ.version} was gated on {champ_metric!r}, this run on "
-                f"{gate_metric!r}: the values are not comparable; use the same gate_metric or remove "
-                "the champion alias"
-            )
-        compared: float | None = float(champ_tags[TAG_GATE_VALUE])
-        compared_with = f"champion v{champ.version}"
-    elif base_metric is not None:
-        compared = float(eval_metrics[base_metric])
-        compared_with = "base"
-    else:
-        compared, compared_with = None, "none"
-    # A NaN/inf gate value never promotes (NaN > x is False anyway; be explicit for the first version).
-    promote = math.isfinite(value) and (compared is None or value > compared + float(min_improvement))
+    tags = existing.tags or {}
+    return Registration(
+        model_name=model_name, version=int(existing.version),
+        alias=CHAMPION if champ is not None and champ.version == existing.version else CHALLENGER,
+        action=tags.get(TAG_GATE_ACTION, ""), reason=tags.get(TAG_GATE_REASON, ""),
+        gate_metric=tags.get(TAG_GATE_METRIC, ""), value=float(tags.get(TAG_GATE_VALUE, "nan")),
+        compared_to=_optional_float(tags.get(TAG_COMPARED_TO)), compared_with=tags.get(TAG_COMPARED_WITH, "none"),
+        protocol=tags.get(TAG_PROTOCOL, ""), fingerprint=fp, reused=True)
 
-    tags = {
+
+def _version_tags(fp: str, candidate: Candidate, decision: Decision, rule: GateRule, root: Path) -> dict[str, str]:
+    return {
         TAG_FINGERPRINT: fp,
-        TAG_GATE_METRIC: gate_metric,
-        TAG_GATE_VALUE: repr(value),
-        TAG_COMPARED_TO: repr(compared),
-        TAG_COMPARED_WITH: compared_with,
-        TAG_MIN_IMPROVEMENT: repr(float(min_improvement)),
+        TAG_PROTOCOL: candidate.protocol,
+        TAG_GATE_METRIC: rule.metric,
+        TAG_GATE_VALUE: repr(candidate.value),
+        TAG_GATE_ACTION: decision.action,
+        TAG_GATE_REASON: decision.reason[:MAX_TAG_VALUE],
+        TAG_COMPARED_TO: repr(decision.compared_to),
+        TAG_COMPARED_WITH: decision.compared_with,
+        TAG_MIN_IMPROVEMENT: repr(float(rule.min_improvement)),
         **tracking.lineage(root),
     }
+
+
+def _log_and_register(weights_dir: Path, model_config: dict, model_name: str, tags: dict[str, str]) -> int:
+    """Log ``weights_dir`` as a pyfunc model into the active run (or a new run named ``register``) and
+    register it as a new version of ``model_name`` with ``tags``; returns the version."""
+    import mlflow
 
     started = mlflow.active_run() is None
     if started:
@@ -254,7 +212,7 @@ def register_lora(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_MODEL_FILE),
-            artifacts={"lora": str(lora_dir)},
+            artifacts={WEIGHTS_ARTIFACT: str(weights_dir)},
             model_config=dict(model_config),
             code_paths=[str(PACKAGE_DIR)],
             signature=model_signature(),
@@ -270,17 +228,116 @@ def register_lora(
         raise
     if started:
         mlflow.end_run()
+    return int(mv.version)
 
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(model_name, alias, mv.version)
-    return Decision(
-        model_name=model_name,
-        version=int(mv.version),
-        alias=alias,
-        gate_metric=gate_metric,
-        value=value,
-        compared_to=compared,
-        compared_with=compared_with,
-        fingerprint=fp,
-        reused=False,
-    )
+
+def register_model(
+    *,
+    root: Path,
+    weights_dir: Path,
+    eval_metrics: dict,
+    model_config: dict,
+    model_name: str,
+    rule: GateRule,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+) -> Registration:
+    """Register ``weights_dir`` (a LoRA or a full UNet) as a new version of ``model_name`` and set alias
+    ``champion`` or ``challenger`` by ``prefdiff.gate.decide``. Idempotent (module docstring).
+
+    Logs into the active MLflow run if there is one, else into a new run named ``register`` in
+    ``experiment``. ``model_config`` is stored with the model and read by the serving code
+    (``base_source``, ``dtype``, ``device``).
+    """
+    import mlflow
+
+    root = Path(root).resolve()
+    weights_dir = Path(weights_dir).resolve()
+    candidate = candidate_from_metrics(eval_metrics, rule)
+    if "base_source" not in model_config:
+        raise ValueError(f"model_config needs 'base_source' (the base pipeline the served model loads); "
+                         f"got keys {sorted(model_config)}")
+    fp = fingerprint(weights_dir, eval_metrics, model_config, model_name)
+
+    tracking.ensure_experiment(experiment, root)
+    client = mlflow.MlflowClient()
+    existing = _find_version(client, model_name, fp)
+    if existing is not None:
+        return _reused(client, model_name, existing, fp)
+
+    decision = decide(candidate, _incumbent(client, model_name), rule)  # against the champion as it is now
+    version = _log_and_register(weights_dir, model_config, model_name,
+                                _version_tags(fp, candidate, decision, rule, root))
+    alias = CHAMPION if decision.action == PROMOTE else CHALLENGER
+    client.set_registered_model_alias(model_name, alias, str(version))
+    return Registration(model_name=model_name, version=version, alias=alias, action=decision.action,
+                        reason=decision.reason, gate_metric=rule.metric, value=candidate.value,
+                        compared_to=decision.compared_to, compared_with=decision.compared_with,
+                        protocol=candidate.protocol, fingerprint=fp, reused=False)
+
+
+def _weights_in(local: Path) -> Path:
+    """The weights dir (LoRA or full UNet, not a snapshot) inside a downloaded model's artifacts."""
+    from prefdiff.models.finetuned import FULL_UNET_DIR, is_full_unet
+    from prefdiff.models.lora import LORA_WEIGHT_NAME
+
+    found = [p.parent for p in local.rglob(LORA_WEIGHT_NAME)]
+    found += [p.parent.parent for p in local.rglob("config.json")
+              if p.parent.name == FULL_UNET_DIR and is_full_unet(p.parent.parent)]
+    found = [p for p in found if "snapshots" not in p.relative_to(local).parts]
+    if not found:
+        raise FileNotFoundError(f"no LoRA or UNet weights in the downloaded artifacts at {local}")
+    return found[0]
+
+
+def _download_weights(model_name: str, version: int, dest: Path) -> None:
+    """Copy version ``version``'s weights (without epoch snapshots) into ``dest``, replacing it."""
+    import mlflow
+
+    from prefdiff.data.atomic import atomic_dir
+
+    with tempfile.TemporaryDirectory(prefix="prefdiff-champion-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}", dst_path=tmp))
+        weights = _weights_in(local)
+        with atomic_dir(dest) as out:
+            shutil.copytree(weights, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("snapshots"))
+
+
+def resolve_baseline(root: Path, baseline: str, model_name: str) -> tuple[BaselineRef, bool]:
+    """Write ``registry/baseline.json`` for ``evaluate.baseline`` = ``baseline`` ("base" | "champion"):
+    the base, or ``model_name``'s current champion with its weights copied to ``models/baseline`` (the
+    copy is skipped when it already holds them). Returns the reference and whether the file changed."""
+    import mlflow
+
+    paths = Paths(Path(root).resolve())
+    ref = BaselineRef(kind=BASE)
+    if baseline == CHAMPION_KIND:
+        mlflow.set_tracking_uri(tracking.tracking_uri(paths.root))
+        champ = _champion(mlflow.MlflowClient(), model_name)
+        if champ is None:
+            ref = BaselineRef(kind=BASE, model_name=model_name, note=f"no champion of {model_name} registered yet")
+        else:
+            ref = _champion_ref(paths, model_name, champ)
+    if ref.kind == BASE and paths.baseline_weights.exists():
+        shutil.rmtree(paths.baseline_weights)  # no stale champion weights beside a file that names none
+    return ref, write_baseline(paths.baseline, ref)
+
+
+def _champion_ref(paths: Paths, model_name: str, champ) -> BaselineRef:
+    version = int(champ.version)
+    weights = paths.baseline_weights
+    held = read_baseline(paths.baseline) if paths.baseline.is_file() else None
+    have = (held is not None and held.kind == CHAMPION_KIND and (held.model_name, held.version) == (model_name, version)
+            and weights.is_dir() and any(weights.iterdir()) and tree_sha256(weights) == held.weights_sha256)
+    if not have:
+        _download_weights(model_name, version, weights)
+    return BaselineRef(kind=CHAMPION_KIND, model_name=model_name, version=version,
+                       weights=weights.relative_to(paths.root).as_posix(), weights_sha256=tree_sha256(weights),
+                       protocol=(champ.tags or {}).get(TAG_PROTOCOL, ""))
+
+
+def gate_rule(register_params) -> GateRule:
+    """The gate rule of the ``register`` params section."""
+    rp = register_params
+    return GateRule(metric=rp.gate_metric, base_metric=rp.base_metric, min_improvement=float(rp.min_improvement),
+                    min_win_rate_low=rp.min_win_rate_low)
+

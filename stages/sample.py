@@ -1,7 +1,9 @@
 """Stage ``sample``: draw G-image groups per prompt with the base model, storing full DDIM trajectories.
 
-Reads params ``model``, ``sampling``, ``sample``; writes ``data/trajectories`` (safetensors shards,
-index.json, PNGs).
+Reads params ``model``, ``sampling``, ``sample`` and ``label.source``; writes ``data/trajectories``
+(safetensors shards, index.json, PNGs). When ``label.source`` imports its pairs (``pickapic``) nothing
+reads sampled chains, so none are drawn: the directory then holds only ``not_sampled.json`` with the reason
+(DVC 3 cannot make the label stage's dependencies conditional on a param value, see the README).
 """
 
 from __future__ import annotations
@@ -12,10 +14,17 @@ from stages._common import load_or_exit, say, tracked, workspace
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
-    from prefdiff.data.trajectories import TrajectoryStore
+    from prefdiff.data.trajectories import TrajectoryStore, write_not_sampled
     from prefdiff.sampling.dataset import sample_dataset
 
     with tracked("sample", params, paths, ("model", "sampling", "sample")) as log_metrics:
+        if params.label.source != "judge":
+            reason = (f"label.source is {params.label.source!r}: the label stage imports image pairs and "
+                      "never reads sampled chains")
+            write_not_sampled(paths.trajectories, reason)
+            say(f"sample: no trajectories sampled ({reason})")
+            log_metrics({"sample/groups": 0, "sample/images": 0})
+            return
         sample_dataset(params, paths.trajectories, progress=say)
         store = TrajectoryStore.open(paths.trajectories)
         log_metrics({"sample/groups": store.num_groups, "sample/images": store.num_images})

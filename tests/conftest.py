@@ -15,7 +15,8 @@ from prefdiff.profile import merged
 
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the pipeline: the code, the pipeline definition and the DVC config.
-WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "data/imports", "dvc.yaml", "params.yaml", "pyproject.toml")
+WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "data/imports", "registry/baseline.json", "dvc.yaml",
+                   "params.yaml", "pyproject.toml")
 
 # Small enough that the five stages take seconds each on 2 CPU cores (imports dominate).
 TINY_OVERRIDES = {
@@ -43,6 +44,7 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
         if src.is_dir():
             shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
+            (root / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / item)
     params = merged(yaml.safe_load((REPO / "params.yaml").read_text()), overrides or {})
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -166,3 +166,14 @@ def test_compare_overrides_deep_merge_over_train():
         parse_params({"compare": {"overrides": {"diffusion_dpo": {"dpo_beta": 500.0}}}})
     with pytest.raises(ParamsError, match=r"diffusion_dpo.beta = -1.0: Input should be greater than 0"):
         parse_params({"compare": {"overrides": {"diffusion_dpo": {"diffusion_dpo": {"beta": -1.0}}}}})
+
+
+def test_registered_model_name_defaults_to_the_method():
+    params = load_params(REPO / "params.yaml")
+    assert params.register.model_name is None
+    assert params.register.registered_name(params.train.method) == "prefdiff-d3po"
+    assert parse_params({"train": {"method": "diffusion_dpo"}}).register.registered_name("diffusion_dpo") == \
+        "prefdiff-diffusion_dpo"
+    assert parse_params({"register": {"model_name": "mine"}}).register.registered_name("sft") == "mine"
+    with pytest.raises(ParamsError, match="register.min_win_rate_low"):
+        parse_params({"register": {"min_win_rate_low": 1.5}})

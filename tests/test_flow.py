@@ -1,9 +1,9 @@
 """The Prefect flow around the DVC stages, the deployments, and their MLflow bookkeeping.
 
 One Prefect test server for the session (``prefect_test_harness``, ~20 s to start). The end-to-end
-round runs the five real stages ONCE in a module-scoped tiny workspace (conftest's ``make_workspace``
+round runs the six real stages ONCE in a module-scoped tiny workspace (conftest's ``make_workspace``
 with ``TINY_OVERRIDES``, the same as ``tiny_workspace``): ~2.5 min on 2 CPU cores, dominated by the
-five stage subprocesses importing torch/diffusers/mlflow. The no-op second round and the stage-failure
+six stage subprocesses importing torch/diffusers/mlflow. The no-op second round and the stage-failure
 round reuse that workspace (a copy for the failure), so they cost seconds.
 """
 
@@ -113,7 +113,7 @@ def _runs(uri: str):
 
 
 def _model_versions(uri: str) -> int:
-    return len(_client(uri).search_model_versions("name = 'prefdiff-d3po-lora'"))
+    return len(_client(uri).search_model_versions("name = 'prefdiff-d3po'"))  # register.model_name null
 
 
 def _flow_run_logs(flow_run_id) -> list[str]:
@@ -134,7 +134,7 @@ def _flow_run_logs(flow_run_id) -> list[str]:
 
 @pytest.fixture(scope="module")
 def round1(prefect_harness, tmp_path_factory):
-    """The five real stages, once, in a tiny workspace; the flow's final state."""
+    """The six real stages, once, in a tiny workspace; the flow's final state."""
     tmp = tmp_path_factory.mktemp("round")
     with isolated_mlflow(f"sqlite:///{tmp}/mlflow.db") as uri:
         ws = make_workspace(tmp / "ws", TINY_OVERRIDES)
@@ -148,7 +148,7 @@ def round1(prefect_harness, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_round_runs_five_stages_into_one_mlflow_run(round1):
+def test_round_runs_six_stages_into_one_mlflow_run(round1):
     state = round1.first_state
     assert state.is_completed(), f"flow ended {state.type}: {state.message}"
     result = state.result()
@@ -166,9 +166,10 @@ def test_round_runs_five_stages_into_one_mlflow_run(round1):
     assert run.info.status == "FINISHED"
 
     metrics = run.data.metrics
-    for key in ("sample/images", "sample/groups", "label/pairs", "train/final_loss", "train/steps",
-                "eval/win_rate", "eval/trained_mean_reward", "register/version",
-                "sample/seconds", "label/seconds", "train/seconds", "evaluate/seconds", "register/seconds"):
+    for key in ("sample/images", "sample/groups", "label/pairs", "train/final_loss", "train/steps", "heldout/pairs",
+                "eval/win_rate", "eval/win_rate_wilson_low", "eval/trained_mean_reward", "register/version",
+                "sample/seconds", "label/seconds", "train/seconds", "heldout/seconds", "evaluate/seconds",
+                "register/seconds"):
         assert key in metrics, f"{key} not logged; have {sorted(metrics)}"
     history = _client(round1.uri).get_metric_history(run.info.run_id, "train/loss")
     assert len({m.step for m in history}) > 1, "train/loss should be a per-step curve"
@@ -198,6 +199,8 @@ def test_round_runs_five_stages_into_one_mlflow_run(round1):
         assert f"> python -m stages.{stage}" in logs
     assert any(line.startswith("step 1/") for line in logs), "training progress was not streamed"
     assert any("win-rate" in line and "MLflow UI" in line for line in logs), "no summary printed"
+    assert any("prompt-clustered bootstrap" in line and "MLflow UI" in line for line in logs)
+    assert any(line.startswith("baseline: base") for line in logs), "the baseline was not resolved before evaluate"
 
 
 def test_second_round_skips_every_stage_and_logs_metrics_from_files(round1):
@@ -351,20 +354,25 @@ def test_file_metrics_and_summary(tmp_path):
     paths.train_metrics.parent.mkdir(parents=True)
     paths.train_metrics.write_text(json.dumps({"steps": 4, "loss": 0.69, "seconds": 2.5}))
     paths.eval_metrics.write_text(json.dumps({
-        "judge": "jpeg", "win_rate": 0.75, "win_rate_low": 0.3, "win_rate_high": 0.95, "trained_mean_reward": -3.7,
-        "base_mean_reward": -3.8, "wins": 3, "losses": 1, "ties": 0, "num_samples": 4}))
+        "judge": "jpeg", "win_rate": 0.75, "win_rate_low": 0.3, "win_rate_high": 0.95, "win_rate_wilson_low": 0.35,
+        "win_rate_wilson_high": 0.9, "trained_mean_reward": -3.7, "base_mean_reward": -3.8, "baseline": "base",
+        "wins": 3, "losses": 1, "ties": 0, "num_samples": 4, "num_prompts": 2,
+        "protocol_fingerprint": "f" * 64, "protocol": {"seeds": {"seed": 1000}}}))
     paths.decision.parent.mkdir(parents=True)
-    paths.decision.write_text(json.dumps({"model_name": "m", "version": 2, "alias": "champion", "reused": False}))
+    paths.decision.write_text(json.dumps({"model_name": "m", "version": 2, "alias": "champion", "reused": False,
+                                          "reason": "trained_mean_reward -3.7 beats champion v1 -3.75 by more "
+                                                    "than 0.0"}))
     got = file_metrics(paths)
     assert got["train/final_loss"] == 0.69 and "train/loss" not in got
     assert got["train/steps"] == 4 and got["eval/win_rate"] == 0.75
     assert "eval/judge" not in got  # numeric only
+    assert not [k for k in got if k.startswith("eval/protocol")]  # settings, not measurements
     assert got["register/version"] == 2 and got["register/champion"] == 1
     text = summarize({"run_id": "abc", "eval": json.loads(paths.eval_metrics.read_text()),
                       "decision": json.loads(paths.decision.read_text())}, "sqlite:////x/mlflow.db", "prefdiff")
-    assert "0.750" in text and "0.300" in text and "0.950" in text
+    assert "0.750  (95% prompt-clustered bootstrap 0.300 - 0.950 over 2 prompts; Wilson 0.350 - 0.900;" in text
     assert "trained -3.7000 vs base -3.8000" in text
-    assert "m v2 -> champion" in text
+    assert "m v2 -> champion (registered): trained_mean_reward -3.7 beats champion v1 -3.75" in text
     assert "mlflow ui --backend-store-uri sqlite:////x/mlflow.db" in text
 
 

@@ -88,14 +88,18 @@ def _lora(root: Path, name: str, payload: bytes = b"weights") -> Path:
     return d
 
 
-def _register(root: Path, name: str, lora: Path, metrics: dict, **kw):
-    from prefdiff.registry import register_lora
+PROTOCOL = "a" * 64  # the protocol fingerprint of the evaluations these tests register (one protocol)
 
-    args = dict(root=root, lora_dir=lora, eval_metrics=metrics, model_config={"base_source": "builtin:tiny-sd"},
-                model_name=name, gate_metric="trained_mean", base_metric="base_mean", min_improvement=0.05,
-                experiment="prefdiff-test")
-    args.update(kw)
-    return register_lora(**args)
+
+def _register(root: Path, name: str, weights: Path, metrics: dict, protocol: str = PROTOCOL, **rule):
+    """Register ``weights`` with ``metrics`` measured under ``protocol``; ``rule`` overrides the gate rule."""
+    from prefdiff.gate import GateRule
+    from prefdiff.registry import register_model
+
+    rule = {"metric": "trained_mean", "base_metric": "base_mean", "min_improvement": 0.05, **rule}
+    return register_model(root=root, weights_dir=weights, eval_metrics={**metrics, "protocol_fingerprint": protocol},
+                          model_config={"base_source": "builtin:tiny-sd"}, model_name=name, rule=GateRule(**rule),
+                          experiment="prefdiff-test")
 
 
 def _versions(name: str) -> list[int]:
@@ -159,9 +163,9 @@ def test_reregistering_identical_inputs_is_idempotent(registry):
 
 
 def test_bad_gate_metric_raises_listing_keys(registry):
-    with pytest.raises(ValueError, match=r"gate_metric 'nope'.*\['base_mean', 'trained_mean'\]"):
-        _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0, "base_mean": 0.5},
-                  gate_metric="nope")
+    keys = r"\['base_mean', 'protocol_fingerprint', 'trained_mean'\]"
+    with pytest.raises(ValueError, match=rf"gate_metric 'nope'.*{keys}"):
+        _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0, "base_mean": 0.5}, metric="nope")
     with pytest.raises(ValueError, match="base_metric 'missing'"):
         _register(registry, "bad", _lora(registry, "bad"), {"trained_mean": 1.0}, base_metric="missing")
     assert _versions("bad") == []
@@ -185,6 +189,7 @@ def test_lineage_tags_on_version_and_run(registry):
         assert mv.tags[key] == value
     assert mv.tags["prefdiff.fingerprint"] == d.fingerprint
     assert mv.tags["prefdiff.gate_metric"] == "trained_mean" and float(mv.tags["prefdiff.gate_value"]) == 1.0
+    assert mv.tags["prefdiff.protocol"] == PROTOCOL and mv.tags["prefdiff.gate_action"] == "promote"
 
     with tracking.stage_run("evaluate", registry, "prefdiff-test") as run:
         tracking.log_lineage(registry)
@@ -285,18 +290,69 @@ def test_pyfunc_end_to_end(registry):
         assert np.abs(s_img.astype(int) - b_img.astype(int)).mean() > 1.0
 
 
+def test_cross_protocol_candidate_is_a_challenger_until_scored_with_the_champion(registry):
+    """A better number under another protocol (another judge) never dethrones the champion; the same
+    candidate evaluated with the champion as its baseline (one protocol, paired) is gated on that."""
+    import mlflow
+
+    name = "protocols"
+    jpeg, other = "1" * 64, "2" * 64
+    d1 = _register(registry, name, _lora(registry, "p1", b"p1"), {"trained_mean": -3.0, "base_mean": -4.0}, jpeg)
+    assert (d1.alias, d1.action, d1.protocol) == ("champion", "promote", jpeg)
+
+    # 21.5 (say, a PickScore mean) vs -3.0 (a JPEG champion's): not comparable, whatever the numbers
+    d2 = _register(registry, name, _lora(registry, "p2", b"p2"), {"trained_mean": 21.5, "base_mean": 21.0}, other)
+    assert (d2.alias, d2.action, d2.compared_to, d2.compared_with) == ("challenger", "re-evaluate", None, "none")
+    assert "evaluate.baseline: champion" in d2.reason and "111111111111" in d2.reason
+    assert _alias(name, "champion") == 1
+
+    # evaluated again with champion v1 as the baseline: v1 scored 21.2 and this model 21.5 under one protocol
+    d3 = _register(registry, name, _lora(registry, "p2", b"p2"),
+                   {"trained_mean": 21.5, "base_mean": 21.2, "baseline": "champion v1", "baseline_version": 1}, other)
+    assert (d3.alias, d3.action, d3.compared_to, d3.compared_with) == ("champion", "promote", 21.2,
+                                                                       "champion v1 (re-evaluated)")
+    assert _alias(name, "champion") == 3
+    tags = [mlflow.MlflowClient().get_model_version(name, str(v)).tags for v in (1, 2, 3)]
+    assert [t["prefdiff.protocol"] for t in tags] == [jpeg, other, other]
+    assert [t["prefdiff.gate_action"] for t in tags] == ["promote", "re-evaluate", "promote"]
+
+
+def test_non_finite_gate_value_never_promotes(registry):
+    d = _register(registry, "nan-model", _lora(registry, "nan", b"nan"), {"trained_mean": float("nan")},
+                  base_metric=None)
+    assert (d.alias, d.action) == ("challenger", "challenger") and "not finite" in d.reason
+
+
+def test_eval_metrics_without_protocol_are_refused(registry):
+    from prefdiff.gate import GateRule
+    from prefdiff.registry import register_model
+
+    with pytest.raises(ValueError, match="protocol_fingerprint"):
+        register_model(root=registry, weights_dir=_lora(registry, "np", b"np"), eval_metrics={"trained_mean": 1.0},
+                       model_config={"base_source": "builtin:tiny-sd"}, model_name="no-protocol",
+                       rule=GateRule("trained_mean", None), experiment="prefdiff-test")
+    assert _versions("no-protocol") == []
+
+
 def test_champion_is_the_evaluation_baseline(registry, tmp_path):
-    """evaluate.baseline: champion downloads the champion's LoRA and compares the trained model against it."""
+    """evaluate.baseline: champion reads the champion that resolve_baseline wrote into registry/baseline.json
+    and models/baseline, and compares the trained model against it."""
     import torch
 
     from evaluation.evaluate import evaluate_lora
     from prefdiff.config import parse_params
+    from prefdiff.data import DatasetError
+    from prefdiff.data.baseline import read_baseline, tree_sha256
     from prefdiff.models import lora as lora_mod
     from prefdiff.models.loading import load_pipeline
     from prefdiff.paths import Paths
-    from prefdiff.registry import champion_weights
+    from prefdiff.registry import resolve_baseline
 
-    assert champion_weights("no-such-model", registry, tmp_path / "dl") is None
+    ws = Paths(tmp_path / "ws")
+    ref, changed = resolve_baseline(ws.root, "champion", "champ-model")
+    assert changed and (ref.kind, ref.model_name, ref.version) == ("base", "champ-model", None)
+    assert "no champion of champ-model" in ref.note and read_baseline(ws.baseline) == ref
+
     pipe = load_pipeline("builtin:tiny-sd")
     params_ = lora_mod.add_lora(pipe.unet, rank=4, alpha=4.0)
     with torch.no_grad():
@@ -304,18 +360,36 @@ def test_champion_is_the_evaluation_baseline(registry, tmp_path):
             p.add_(0.05)
     champ_dir = tmp_path / "champ"
     lora_mod.save_lora(pipe.unet, champ_dir)
+    (champ_dir / "snapshots" / "epoch-0001").mkdir(parents=True)  # snapshots are not part of the baseline
+    lora_mod.save_lora(pipe.unet, champ_dir / "snapshots" / "epoch-0001")
     decision = _register(registry, "champ-model", champ_dir, {"trained_mean": 2.0, "base_mean": 1.0})
     assert decision.alias == "champion"
-    version, found = champion_weights("champ-model", registry, tmp_path / "dl")
-    assert version == str(decision.version)
-    assert (found / lora_mod.LORA_WEIGHT_NAME).read_bytes() == (champ_dir / lora_mod.LORA_WEIGHT_NAME).read_bytes()
+
+    ref, changed = resolve_baseline(ws.root, "champion", "champ-model")
+    assert changed and (ref.kind, ref.version, ref.weights, ref.protocol) == ("champion", decision.version,
+                                                                             "models/baseline", PROTOCOL)
+    assert sorted(p.name for p in ws.baseline_weights.iterdir()) == sorted(
+        p.name for p in champ_dir.iterdir() if p.name != "snapshots")
+    assert (ws.baseline_weights / lora_mod.LORA_WEIGHT_NAME).read_bytes() == \
+        (champ_dir / lora_mod.LORA_WEIGHT_NAME).read_bytes()
+    assert ref.weights_sha256 == tree_sha256(ws.baseline_weights)
+    assert resolve_baseline(ws.root, "champion", "champ-model") == (ref, False)  # nothing moved: same bytes
+    assert resolve_baseline(ws.root, "base", "champ-model")[0].kind == "base" and not ws.baseline_weights.exists()
+    resolve_baseline(ws.root, "champion", "champ-model")
 
     params = parse_params({"sampling": {"num_steps": 2},
                            "evaluate": {"num_prompts": 1, "seeds_per_prompt": 2, "baseline": "champion",
                                         "implicit_accuracy": False, "reward_curve": False, "report": False},
                            "register": {"model_name": "champ-model"}})
-    paths = Paths(registry)
     # the trained model IS the champion here: every paired sample is identical, all ties
-    result = evaluate_lora(params, champ_dir, paths, progress=lambda _: None)
+    result = evaluate_lora(params, champ_dir, ws, progress=lambda _: None)
     assert result.metrics["baseline"] == f"champion v{decision.version}"
+    assert result.metrics["baseline_version"] == decision.version
     assert result.metrics["ties"] == 2 and result.metrics["reward_gain"] == 0.0
+
+    (ws.baseline_weights / lora_mod.LORA_WEIGHT_NAME).write_bytes(b"tampered")
+    with pytest.raises(DatasetError, match="sha256"):
+        evaluate_lora(params, champ_dir, ws, progress=lambda _: None)
+    other = params.model_copy(update={"register": params.register.model_copy(update={"model_name": "other"})})
+    with pytest.raises(DatasetError, match="names the champion of 'champ-model'"):
+        evaluate_lora(other, champ_dir, ws, progress=lambda _: None)

@@ -137,3 +137,15 @@ def test_format_value_and_bad_inputs(tmp_path):
     with pytest.raises(TypeError, match="extra_sections"):
         render_report(tmp_path / "r.html", title="t", metrics_table=[], extra_sections={"x": 3})
     assert not (tmp_path / "r.html").exists()
+
+
+def test_evaluation_rows_headline_the_prompt_clustered_bootstrap_interval():
+    from evaluation.evaluate import report_rows
+
+    m = {"base_mean": 1.0, "trained_mean": 1.5, "mean_diff": 0.5, "mean_diff_low": 0.1, "mean_diff_high": 0.9,
+         "win_rate": 0.625, "win_rate_boot_low": 0.25, "win_rate_boot_high": 0.875, "win_rate_wilson_low": 0.4,
+         "win_rate_wilson_high": 0.8, "wins": 5, "losses": 3, "ties": 0, "sign_test_p": 0.7266, "n_prompts": 2,
+         "decisive_rate": 0.625}
+    (row,) = report_rows({"scorers": {"jpeg_compressibility": m}})
+    assert row["win_rate_ci"] == (0.25, 0.875) and row["win_rate_ci_wilson"] == (0.4, 0.8)
+    assert row["n_prompts"] == 2 and row["scorer"] == "jpeg_compressibility"

@@ -51,6 +51,9 @@ from prefdiff.data.atomic import (
 SCHEMA_VERSION = 1
 KIND = "prefdiff.trajectories"
 INDEX_NAME = "index.json"
+# Written instead of an index when a stage's output directory deliberately holds no chains (e.g. the
+# sample stage when label.source imports pairs): DVC needs the directory, readers need the reason.
+NOT_SAMPLED_NAME = "not_sampled.json"
 _HINT = "re-run the sample stage"
 # safetensors dtype strings, as reported by safe_open(...).get_slice(name).get_dtype()
 _EXPECTED_DTYPES = {"latents": "F32", "log_probs": "F32", "timesteps": "I64", "image_ids": "I64"}
@@ -245,6 +248,19 @@ class TrajectoryWriter:
             self._state = "aborted"
 
 
+def write_not_sampled(out_dir: Path, reason: str) -> Path:
+    """Replace ``out_dir`` with a directory holding only ``not_sampled.json`` = ``{"reason": reason}``;
+    :meth:`TrajectoryStore.open` on it raises a DatasetError that quotes the reason."""
+    tmp = prepare_tmp_dir(Path(out_dir))
+    try:
+        atomic_write_json(tmp / NOT_SAMPLED_NAME, {"reason": reason})
+        commit_dir(tmp, Path(out_dir))
+    except BaseException:
+        discard_dir(tmp)
+        raise
+    return Path(out_dir) / NOT_SAMPLED_NAME
+
+
 # ------------------------------------------------------------------------------------------------------
 class TrajectoryStore:
     """Read side. ``open`` validates everything up front so training never meets a corrupt shard late."""
@@ -274,6 +290,9 @@ class TrajectoryStore:
         """
         root = Path(root)
         index_path = root / INDEX_NAME
+        if (root / NOT_SAMPLED_NAME).is_file():
+            reason = json.loads((root / NOT_SAMPLED_NAME).read_text()).get("reason", "no reason recorded")
+            raise DatasetError(f"{root}: holds no trajectories on purpose ({reason})")
         if not index_path.is_file():
             raise DatasetError(f"{index_path}: missing; {root} is not a complete trajectory dataset — {_HINT}")
         raw = index_path.read_bytes()

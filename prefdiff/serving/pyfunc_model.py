@@ -1,7 +1,8 @@
-"""MLflow "models from code" file: a base diffusion pipeline plus the registered LoRA, served as pyfunc.
+"""MLflow "models from code" file: a base diffusion pipeline plus the registered weights, served as pyfunc.
 
-``prefdiff.registry.register_lora`` logs this *file* (not a pickled object) with
-``artifacts={"lora": <lora dir>}``, ``model_config={"base_source": ..., "dtype": ..., "device": ...}``
+``prefdiff.registry.register_model`` logs this *file* (not a pickled object) with
+``artifacts={"weights": <a LoRA dir, or a full UNet under unet/>}``,
+``model_config={"base_source": ..., "dtype": ..., "device": ...}``
 and the ``prefdiff`` package as ``code_paths``; MLflow executes it at load time and serves the object
 passed to ``set_model``. The base weights are not logged: ``base_source`` names them (built-in tiny
 model, a hub id in the local cache, or a local directory).
@@ -19,7 +20,7 @@ from __future__ import annotations
 import mlflow
 
 
-class LoraDiffusionModel(mlflow.pyfunc.PythonModel):
+class TrainedDiffusionModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from pathlib import Path
 
@@ -34,7 +35,7 @@ class LoraDiffusionModel(mlflow.pyfunc.PythonModel):
             dtype=config.get("dtype", "float32"),
             device=config.get("device", "cpu"),
         )
-        apply_trained(self.pipe, Path(context.artifacts["lora"]))  # a LoRA, or a full UNet under unet/
+        apply_trained(self.pipe, Path(context.artifacts["weights"]))  # a LoRA, or a full UNet under unet/
 
     def predict(self, context, model_input, params=None):
         import io
@@ -80,4 +81,4 @@ class LoraDiffusionModel(mlflow.pyfunc.PythonModel):
         )
 
 
-mlflow.models.set_model(LoraDiffusionModel())
+mlflow.models.set_model(TrainedDiffusionModel())

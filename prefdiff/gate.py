@@ -1,0 +1,110 @@
+"""The champion gate: a pure decision between a candidate evaluation and the incumbent champion.
+
+Numbers from two evaluations are comparable only under one evaluation protocol (the primary judge and its
+parameters, the base model, sampling, prompts and seeds: ``evaluation.evaluate.evaluation_protocol``,
+summarised by its fingerprint). The gate therefore compares the candidate's gate metric with
+
+* the incumbent's stored value, when the incumbent was gated under the same protocol and metric;
+* the incumbent's score *in the candidate's own evaluation*, when that evaluation used the incumbent as
+  its baseline (``evaluate.baseline: champion``: both were scored under one protocol, paired);
+* nothing, otherwise: the candidate cannot be ranked against the incumbent, becomes a challenger, and the
+  decision says how to rank it (evaluate again with ``evaluate.baseline: champion``).
+
+With no incumbent the bar is the base model's score in the same evaluation (``base_metric``). A candidate
+is promoted only if its value is finite and beats the bar by more than ``min_improvement``, and, when
+``min_win_rate_low`` is set, the lower end of the prompt-clustered bootstrap interval of its win-rate
+over the evaluation's baseline exceeds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+PROMOTE = "promote"
+CHALLENGER = "challenger"
+RE_EVALUATE = "re-evaluate"  # not comparable: registered as challenger until scored under one protocol
+
+
+@dataclass(frozen=True)
+class GateRule:
+    metric: str  # key of metrics/eval.json, higher is better
+    base_metric: str | None  # the baseline's score in the same evaluation (None: no bar for a first version)
+    min_improvement: float = 0.0
+    min_win_rate_low: float | None = None  # bootstrap lower bound of the win-rate that must be exceeded
+
+
+@dataclass(frozen=True)
+class Candidate:
+    value: float  # metrics[rule.metric]
+    protocol: str  # protocol fingerprint of its evaluation
+    baseline_value: float | None  # metrics[rule.base_metric]: the baseline's score in the same evaluation
+    baseline_version: int | None  # the champion version that was the baseline (None: the base model)
+    win_rate_low: float | None  # bootstrap lower bound of the win-rate over that baseline
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    version: int
+    value: float
+    metric: str  # the gate metric it was gated on
+    protocol: str | None  # None: registered without a protocol fingerprint (before fingerprints existed)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # PROMOTE | CHALLENGER | RE_EVALUATE
+    compared_to: float | None  # the bar the value was compared with (None: nothing comparable)
+    # "champion vN" | "champion vN (re-evaluated)" | "base" | "vN (this evaluation's baseline)" | "none"
+    compared_with: str
+    reason: str
+
+    @property
+    def promote(self) -> bool:
+        return self.action == PROMOTE
+
+
+def _short(fingerprint: str | None) -> str:
+    return "none recorded" if not fingerprint else fingerprint[:12]
+
+
+def _bar(candidate: Candidate, incumbent: Incumbent | None, rule: GateRule) -> tuple[float | None, str, str | None]:
+    """(bar, what it is, why nothing is comparable or None)."""
+    if incumbent is None:
+        if rule.base_metric is None:
+            return None, "none", None
+        version = candidate.baseline_version
+        return candidate.baseline_value, "base" if version is None else f"v{version} (this evaluation's baseline)", None
+    if incumbent.protocol == candidate.protocol and incumbent.metric == rule.metric:
+        return incumbent.value, f"champion v{incumbent.version}", None
+    if candidate.baseline_version == incumbent.version and candidate.baseline_value is not None:
+        return candidate.baseline_value, f"champion v{incumbent.version} (re-evaluated)", None
+    differs = (f"gated on {incumbent.metric!r}, this run on {rule.metric!r}" if incumbent.metric != rule.metric
+               else f"evaluated under protocol {_short(incumbent.protocol)}, this candidate under "
+                    f"{_short(candidate.protocol)}")
+    return None, "none", (f"champion v{incumbent.version} was {differs}: the numbers are not comparable. To rank "
+                          f"this candidate against v{incumbent.version}, evaluate it with evaluate.baseline: "
+                          f"champion (scores both under one protocol) and register again")
+
+
+def decide(candidate: Candidate, incumbent: Incumbent | None, rule: GateRule) -> Decision:
+    """Promote, keep as challenger, or ask for a re-evaluation; the reason says which number decided."""
+    bar, compared_with, incomparable = _bar(candidate, incumbent, rule)
+    if incomparable is not None:
+        return Decision(RE_EVALUATE, None, compared_with, incomparable)
+    name = f"{rule.metric} {candidate.value!r}"
+    if not math.isfinite(candidate.value):
+        return Decision(CHALLENGER, bar, compared_with, f"{name} is not finite: a non-finite metric never promotes")
+    if bar is not None and not math.isfinite(bar):
+        return Decision(CHALLENGER, bar, compared_with,
+                        f"the bar ({compared_with}) is {bar!r}: nothing to beat reliably")
+    if bar is not None and not candidate.value > bar + rule.min_improvement:
+        return Decision(CHALLENGER, bar, compared_with,
+                        f"{name} does not beat {compared_with} {bar!r} by more than {rule.min_improvement!r}")
+    if rule.min_win_rate_low is not None:
+        low = candidate.win_rate_low
+        if low is None or not math.isfinite(low) or not low > rule.min_win_rate_low:
+            return Decision(CHALLENGER, bar, compared_with,
+                            f"win-rate bootstrap lower bound {low!r} is not above {rule.min_win_rate_low!r}")
+    beats = "no bar" if bar is None else f"beats {compared_with} {bar!r} by more than {rule.min_improvement!r}"
+    return Decision(PROMOTE, bar, compared_with, f"{name} {beats}")
