@@ -53,11 +53,12 @@ def _summarise(kind: str, margins: np.ndarray) -> ImplicitAccuracy:
 def _pair_mses(pipe, builder, rows: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
     """Per-sample MSE [draws, 2B] (winners then losers) of ``pipe.unet`` under fixed (t, eps) draws."""
     from prefdiff.sampling.guidance import noise_pred
+    from prefdiff.training.fit import rng
     from prefdiff.training.losses import per_sample_mse
 
     out = []
     for k in range(draws):
-        gen = torch.Generator().manual_seed(hash((seed, int(rows[0]), k)) % (2**62))
+        gen = rng(seed, int(rows[0]), k)  # the same (t, eps) draws for base and trained, on any machine
         x_t, t, target, cond = builder.build(rows, gen, both=True)
         out.append(per_sample_mse(noise_pred(pipe.unet, x_t, t, cond), target).cpu())
     return torch.stack(out)

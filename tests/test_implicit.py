@@ -13,6 +13,7 @@ from prefdiff.models import lora
 from prefdiff.models.loading import load_pipeline
 from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.sampling.guidance import noise_pred
+from prefdiff.training.fit import rng
 from prefdiff.training.losses import diffusion_dpo_loss, per_sample_mse
 from prefdiff.training.images import PairBatchBuilder
 
@@ -65,7 +66,7 @@ def test_elbo_accuracy_matches_a_hand_recomputation(data):
     rows, b = torch.arange(len(pairs)), len(pairs)
     z = []
     for k in range(3):
-        gen = lambda: torch.Generator().manual_seed(hash((7, 0, k)) % (2**62))  # noqa: E731
+        gen = lambda: rng(7, 0, k)  # noqa: E731
         with torch.no_grad():
             x_t, t, target, cond = builder.build(rows, gen(), both=True)
             ref = per_sample_mse(noise_pred(pipe.unet, x_t, t, cond), target)
