@@ -139,6 +139,7 @@ def evaluate_lora(params: Params, trained_dir: Path, paths: Paths, *,
     from prefdiff.models.finetuned import trained_weights
     from prefdiff.models.loading import load_pipeline
     from prefdiff.sampling.sampler import SamplingConfig, generate
+    from prefdiff.scorers import scores_as_decimals
 
     ep = params.evaluate
     prompts, seeds = eval_prompts_and_seeds(params, paths.root)
@@ -152,7 +153,8 @@ def evaluate_lora(params: Params, trained_dir: Path, paths: Paths, *,
 
     def run(label: str, names: list[str]) -> tuple[list, dict[str, np.ndarray]]:
         images = generate(pipe, prompts, seeds, cfg, batch_size=ep.batch_size)
-        scores = {n: np.asarray(scorers[n].score(images, prompts), dtype=np.float64) for n in names}
+        # the label stage's stored values (float32 scores as their shortest decimals: JPEG kB stay exact)
+        scores = {n: np.asarray(scores_as_decimals(scorers[n].score(images, prompts))) for n in names}
         progress(f"{label}: {len(images)} samples, mean {primary} {scores[primary].mean():.5f} "
                  f"({time.time() - began:.1f} s)")
         return images, scores
