@@ -57,4 +57,4 @@ mlflow-ui: $(STAMP)
 # Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
 # metrics/ and plots/ stay: the next run rewrites them).
 clean:
-	rm -rf data/trajectories data/preferences data/heldout models/trained models/checkpoints models/baseline eval comparisons mlflow.db mlartifacts .prefect
+	rm -rf data/trajectories data/preferences data/heldout models/trained models/checkpoints models/baseline eval mlflow.db mlartifacts .prefect

@@ -309,14 +309,6 @@ class Params(_Section):
                 raise ValueError(_format_errors(err, f"compare.overrides.{method} over train")) from None
         return self
 
-    def for_method(self, method: str) -> Params:
-        """These params with ``train.method = method`` and ``compare.overrides[method]`` applied (validated)."""
-        train = {**self.train.model_dump(), **self.compare.overrides.get(method, {}), "method": method}
-        try:
-            return self.model_copy(update={"train": TrainParams.model_validate(train)})
-        except ValidationError as err:
-            raise ParamsError(_format_errors(err, f"compare.overrides.{method} over train")) from None
-
 
 def _check_scorer_name(name: str) -> str:
     if name not in SCORERS and name not in SCORER_ALIASES:
