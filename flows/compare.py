@@ -234,46 +234,40 @@ def run_experiment(repo: str, method: str, set_params: list[str], run_id: str) -
     return {"method": method, "experiment": name, "seconds": seconds}
 
 
-def experiment_results(show: list[dict[str, Any]], baseline: str, names: Sequence[str],
-                       metrics_files: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Per experiment name of ``names`` (derived from commit ``baseline``), from ``dvc exp show --json``:
-    ``{"rev", "params": params.yaml, <key>: the data of metrics_files[key]}``. Raises ValueError naming a
-    missing experiment or an unreadable metrics file."""
+def experiment_result(show: list[dict[str, Any]], baseline: str, name: str,
+                      metrics_files: Mapping[str, str]) -> dict[str, Any]:
+    """Experiment ``name`` of commit ``baseline`` in ``dvc exp show --json``: ``{"rev", "params": its
+    params.yaml, <key>: the data of metrics_files[key]}``. Raises ValueError naming a missing experiment
+    or an unreadable metrics file."""
     commit = next((entry for entry in show if entry.get("rev") == baseline), None)
-    found: dict[str, dict[str, Any]] = {}
-    for exp in (commit or {}).get("experiments") or []:
-        if exp.get("name") in names and exp.get("revs"):
-            found[exp["name"]] = exp["revs"][0]
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ValueError(f"`dvc exp show --json` lists no experiment {missing} of commit {baseline[:7]}")
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        data = found[name]["data"]
-        row = {"rev": found[name]["rev"], "params": data["params"]["params.yaml"]["data"]}
-        for key, path in metrics_files.items():
-            entry = (data.get("metrics") or {}).get(path, {})
-            if "data" not in entry:
-                why = entry.get("error", {}).get("msg", "not among the experiment's metrics")
-                raise ValueError(f"experiment {name}: {path}: {why}")
-            row[key] = entry["data"]
-        out[name] = row
+    revs = next((exp["revs"] for exp in (commit or {}).get("experiments") or []
+                 if exp.get("name") == name and exp.get("revs")), None)
+    if revs is None:
+        raise ValueError(f"`dvc exp show --json` lists no experiment {name} of commit {baseline[:7]}")
+    data = revs[0]["data"]
+    out = {"rev": revs[0]["rev"], "params": data["params"]["params.yaml"]["data"]}
+    for key, path in metrics_files.items():
+        entry = (data.get("metrics") or {}).get(path, {})
+        if "data" not in entry:
+            why = entry.get("error", {}).get("msg", "not among the experiment's metrics")
+            raise ValueError(f"experiment {name}: {path}: {why}")
+        out[key] = entry["data"]
     return out
 
 
-@task(name="dvc-exp-show", cache_policy=NO_CACHE)
-def read_experiments(repo: str, methods: list[str]) -> list[dict[str, Any]]:
-    """One result per method, read back through DVC: ``{"method", "experiment", "rev", "params" (its
-    train section), "train" (metrics/train.json), "eval" (metrics/eval.json)}``."""
+@task(name="dvc-exp-show", task_run_name="dvc-exp-show-{method}", cache_policy=NO_CACHE)
+def read_experiment(repo: str, method: str) -> dict[str, Any]:
+    """``method``'s result, read back through DVC: ``{"method", "experiment", "rev", "params" (its train
+    section), "train" (metrics/train.json), "eval" (metrics/eval.json)}``."""
     paths = Paths(Path(repo))
     shown = subprocess.run([_dvc_executable(), "exp", "show", "--json"], cwd=repo, check=True,
                            capture_output=True, text=True).stdout
     files = {"train": paths.train_metrics.relative_to(paths.root).as_posix(),
              "eval": paths.eval_metrics.relative_to(paths.root).as_posix()}
-    names = [experiment_name(m) for m in methods]
-    rows = experiment_results(json.loads(shown), _git(repo, "rev-parse", "HEAD"), names, files)
-    return [{"method": m, "experiment": n, "rev": rows[n]["rev"], "params": rows[n]["params"]["train"],
-             "train": rows[n]["train"], "eval": rows[n]["eval"]} for m, n in zip(methods, names, strict=True)]
+    name = experiment_name(method)
+    row = experiment_result(json.loads(shown), _git(repo, "rev-parse", "HEAD"), name, files)
+    return {"method": method, "experiment": name, "rev": row["rev"], "params": row["params"]["train"],
+            "train": row["train"], "eval": row["eval"]}
 
 
 def method_metrics(result: Mapping[str, Any]) -> dict[str, float]:
@@ -379,19 +373,22 @@ def compare_methods(repo: str | None = None, methods: list[str] | None = None) -
 
     repo_s = str(root)
     parent = open_parent_run(repo_s, params.register.experiment, "compare")
-    children: dict[str, str] = {}
+    failing: list[str] = [parent]  # the MLflow runs to mark FAILED if this goes wrong now
     step: str | None = None
+    results: list[dict[str, Any]] = []
     try:
         for stage in ("sample", "label"):
             step = stage
             run_stage(stage, repo_s, parent)
         step = None
-        children = {m: open_method_run(repo_s, parent, m) for m in todo}
         for m in todo:
-            run_experiment(repo_s, m, set_params[m], children[m])
-        results = [r | {"run_id": children[r["method"]]} for r in read_experiments(repo_s, todo)]
-        for r in results:
-            log_method_run(repo_s, r)
+            child = open_method_run(repo_s, parent, m)
+            failing.append(child)
+            run_experiment(repo_s, m, set_params[m], child)
+            result = read_experiment(repo_s, m) | {"run_id": child}
+            log_method_run(repo_s, result)
+            failing.remove(child)
+            results.append(result)
         report = write_report(root, results, command=COMMAND)
 
         import mlflow
@@ -403,8 +400,8 @@ def compare_methods(repo: str | None = None, methods: list[str] | None = None) -
         client.log_artifact(parent, str(root / REPORT_JSON))
         client.set_terminated(parent, status="FINISHED")
     except BaseException as err:
-        for run_id in [parent, *children.values()]:
-            _mark_failed(repo_s, run_id, step, err, [])
+        for run_id in failing:
+            _mark_failed(repo_s, run_id, step if run_id == parent else None, err, [])
         raise
     print(report.read_text())
     return {"run_id": parent, "report": str(report), "results": results}

@@ -25,6 +25,7 @@ from flows.compare import (
     _remove_same_named,
     check_experiment_params,
     compare_methods,
+    experiment_result,
     flatten_overrides,
     hydra_value,
     set_param_args,
@@ -103,6 +104,20 @@ def test_a_bad_override_fails_before_any_experiment_naming_the_key(tmp_path):
         check_experiment_params(params, ["train.method=nonsense"], "compare.overrides.sft")
     with pytest.raises(ParamsError, match=r"compare\.overrides\.sft: `dvc exp run -S` cannot apply"):
         check_experiment_params(params, ["train.no_such_key=1"], "compare.overrides.sft")
+
+
+def test_experiment_result_names_what_dvc_exp_show_lacks():
+    show = [{"rev": "workspace", "experiments": None},
+            {"rev": "abc1234def", "experiments": [{"name": "compare-sft", "revs": [{"rev": "e1", "data": {
+                "params": {"params.yaml": {"data": {"train": {"method": "sft"}}}},
+                "metrics": {"metrics/train.json": {"data": {"loss": 0.5}},
+                            "metrics/eval.json": {"error": {"type": "FileNotFoundError", "msg": "no such file"}}}}}]}]}]
+    got = experiment_result(show, "abc1234def", "compare-sft", {"train": "metrics/train.json"})
+    assert got == {"rev": "e1", "params": {"train": {"method": "sft"}}, "train": {"loss": 0.5}}
+    with pytest.raises(ValueError, match=r"experiment compare-sft: metrics/eval.json: no such file"):
+        experiment_result(show, "abc1234def", "compare-sft", {"eval": "metrics/eval.json"})
+    with pytest.raises(ValueError, match=r"no experiment compare-d3po of commit abc1234"):
+        experiment_result(show, "abc1234def", "compare-d3po", {})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,3 +254,24 @@ def test_a_rerun_replaces_the_experiment_of_the_same_commit(compared):
     assert _remove_same_named(str(ws), "compare-d3po") is True
     assert sorted(_experiments(ws)) == ["compare-diffusion_dpo"]
     assert _remove_same_named(str(ws), "compare-d3po") is False
+
+
+def test_an_unknown_method_fails_before_any_run_or_experiment(compared):
+    from mlflow.tracking import MlflowClient
+
+    ws, uri, result = compared
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.get_run(result["run_id"]).info.experiment_id
+    runs_before, exps_before = len(client.search_runs([experiment_id])), sorted(_experiments(ws))
+    with isolated_mlflow(uri), pytest.raises(ParamsError, match=r"compare\.overrides\.nonsense .*train\.method"):
+        compare_methods(repo=str(ws), methods=["nonsense"])
+    assert len(client.search_runs([experiment_id])) == runs_before
+    assert sorted(_experiments(ws)) == exps_before
+
+
+
+def test_flow_module_import_is_cheap():
+    code = ("import sys, flows.compare; "
+            "print(sorted(m for m in ('mlflow', 'torch', 'diffusers', 'dvc', 'evaluation') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
