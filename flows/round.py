@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -204,11 +205,14 @@ def stage_env(repo: str, run_id: str) -> dict[str, str]:
 
 def stream_command(cmd: list[str], repo: str, env: dict[str, str]) -> tuple[int, list[str]]:
     """Run ``cmd`` in ``repo``, log each non-empty output line (stdout and stderr) as it arrives;
-    returns (exit code, those lines). Interrupted (cancel, Ctrl-C), the command is stopped too."""
+    returns (exit code, those lines). Interrupted (cancel, Ctrl-C), the command and every process it
+    started are stopped too: DVC does not pass a SIGTERM on to the stage it runs, so the command gets a
+    process group of its own and the whole group is signalled."""
     log = _logger()
     lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace")
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
+                            start_new_session=True)
     try:
         assert proc.stdout is not None
         for raw in proc.stdout:
@@ -219,11 +223,11 @@ def stream_command(cmd: list[str], repo: str, env: dict[str, str]) -> tuple[int,
         return proc.wait(), lines
     finally:
         if proc.poll() is None:  # interrupted: do not leave the command running
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 

@@ -62,7 +62,8 @@ ROUND_TRIP = {
     "none": None, "word": "adamw", "no": "no", "num_text": "1e3", "true_text": "true", "null_text": "null",
     "inf_text": "Inf", "inf": float("inf"), "path": "/models/PickScore_v1", "quote": "it's a,b: c",
     "backslash": "c:\\dir\\", "interp": "${oops}", "empty": "", "list": [1, 2.5, "x y", None],
-    "section": {"beta": 250.0, "convention": "official"},
+    "section": {"beta": 250.0, "convention": "official"},  # params.yaml has the section, not every key
+    "new_section": {"beta": 250.0, "deeper": {"k": 1}},  # params.yaml lacks the section: ++ creates it
 }
 
 
