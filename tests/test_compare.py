@@ -30,7 +30,7 @@ from flows.compare import (
     hydra_value,
     set_param_args,
 )
-from prefdiff.config import ParamsError
+from prefdiff.config import ParamsError, load_params
 
 DVC = str(Path(sys.executable).parent / "dvc")
 
@@ -95,6 +95,16 @@ def test_values_that_cannot_be_passed_are_named():
         hydra_value([{"a b": 1}], "train.x")
 
 
+def test_the_repos_compare_section_gives_valid_experiments():
+    """What `make compare` will pass for each method of params.yaml's compare section applies and validates."""
+    params = load_params(REPO / "params.yaml")
+    current = yaml.safe_load((REPO / "params.yaml").read_text())
+    for method in params.compare.methods:
+        args = set_param_args(method, params.compare.overrides.get(method, {}), current)
+        assert args[0] == f"train.method={method}"
+        check_experiment_params(REPO / "params.yaml", args, f"compare.overrides.{method}")
+
+
 def test_a_bad_override_fails_before_any_experiment_naming_the_key(tmp_path):
     params = tmp_path / "params.yaml"
     shutil.copy2(REPO / "params.yaml", params)
@@ -135,11 +145,11 @@ def _dvc(ws: Path, *args: str) -> str:
 
 
 def _experiments(ws: Path) -> dict[str, dict]:
-    """name -> the experiment's data in `dvc exp show --json`, for the experiments of HEAD."""
+    """name -> ``{"rev", "data"}`` of each experiment of HEAD in `dvc exp show --json`."""
     head = git(ws, "rev-parse", "HEAD").strip()
     show = json.loads(_dvc(ws, "exp", "show", "--json"))
     commit = next(e for e in show if e["rev"] == head)
-    return {x["name"]: x["revs"][0]["data"] for x in commit.get("experiments") or []}
+    return {x["name"]: x["revs"][0] for x in commit.get("experiments") or []}
 
 
 @pytest.fixture(scope="module")
@@ -162,13 +172,14 @@ def test_each_method_is_a_dvc_experiment_and_the_table_holds_its_metrics(compare
     ws, _, result = compared
     exps = _experiments(ws)
     assert sorted(exps) == ["compare-d3po", "compare-diffusion_dpo"]
-    train = {n: e["params"]["params.yaml"]["data"]["train"] for n, e in exps.items()}
+    train = {n: e["data"]["params"]["params.yaml"]["data"]["train"] for n, e in exps.items()}
     base = yaml.safe_load((ws / "params.yaml").read_text())["train"]
     assert train["compare-d3po"]["method"] == "d3po" and train["compare-d3po"]["lr"] == base["lr"] == 0.02
     # the overrides reached only their method's experiment
     assert (train["compare-diffusion_dpo"]["method"], train["compare-diffusion_dpo"]["lr"],
             train["compare-diffusion_dpo"]["epochs"]) == ("diffusion_dpo", 0.001, 1)
-    metrics = {n: {k: e["metrics"][f"metrics/{k}.json"]["data"] for k in ("train", "eval")} for n, e in exps.items()}
+    metrics = {n: {k: e["data"]["metrics"][f"metrics/{k}.json"]["data"] for k in ("train", "eval")}
+               for n, e in exps.items()}
     assert metrics["compare-d3po"]["train"]["method"] == "d3po"
     assert metrics["compare-diffusion_dpo"]["train"]["epochs"] == 1
 
@@ -213,11 +224,9 @@ def test_mlflow_parent_and_one_child_per_method_with_the_experiment_metrics(comp
         # cached (a stage that runs tags the run), register is not part of an experiment
         assert (tags["prefdiff.stage.train"], tags["prefdiff.stage.evaluate"]) == ("done", "done")
         assert not {"prefdiff.stage.sample", "prefdiff.stage.label", "prefdiff.stage.register"} & set(tags)
-        data = exps[f"compare-{method}"]
-        ev, tr = (data["metrics"][f"metrics/{k}.json"]["data"] for k in ("eval", "train"))
-        assert tags["prefdiff.dvc_experiment_rev"] == next(
-            x["revs"][0]["rev"] for e in json.loads(_dvc(ws, "exp", "show", "--json")) for x in e.get("experiments") or []
-            if x["name"] == f"compare-{method}")
+        exp = exps[f"compare-{method}"]
+        assert tags["prefdiff.dvc_experiment_rev"] == exp["rev"]
+        ev, tr = (exp["data"]["metrics"][f"metrics/{k}.json"]["data"] for k in ("eval", "train"))
         assert run.data.metrics["eval_win_rate"] == ev["win_rate"]
         assert run.data.metrics["eval_trained_mean_reward"] == ev["trained_mean_reward"]
         assert run.data.metrics["train_final_loss"] == tr["loss"]
@@ -230,7 +239,7 @@ def test_mlflow_parent_and_one_child_per_method_with_the_experiment_metrics(comp
 
 def test_dvc_exp_apply_puts_one_methods_results_in_the_workspace(compared):
     ws, _, _ = compared
-    data = _experiments(ws)["compare-diffusion_dpo"]
+    data = _experiments(ws)["compare-diffusion_dpo"]["data"]
     _dvc(ws, "exp", "apply", "compare-diffusion_dpo")
     # read both through DVC (its JSON drops empty mappings such as "skipped_scorers": {})
     shown = json.loads(_dvc(ws, "metrics", "show", "--json"))[""]["data"]
