@@ -1,12 +1,13 @@
 """Prefect flow ``compare-methods``: one labeled data set, every method as a DVC experiment, one table.
 
-1. ``dvc repro --single-item`` sample and label in the workspace (the round's tasks, cached when unchanged),
-   logged into the parent MLflow run "compare";
+1. ``dvc repro --single-item`` sample, label and heldout in the workspace (the round's tasks, cached when
+   unchanged), logged into the parent MLflow run "compare";
 2. per method of ``compare.methods`` (or the ``methods`` flow parameter), one DVC experiment
-   ``compare-<method>``: ``dvc exp run --temp -n compare-<method> -S train.method=<method> -S <its
-   compare.overrides, flattened> evaluate``. It reproduces the pipeline up to evaluate; sample and label
-   do not read any train key, so DVC finds them cached and only train and evaluate run. The stages
-   log into a child MLflow run of the parent (``MLFLOW_RUN_ID``), as they log into a round's run;
+   ``compare-<method>``: the flow resolves that method's baseline (``registry/baseline.json``, as the round
+   does before evaluate), then ``dvc exp run --temp -n compare-<method> -S train.method=<method> -S <its
+   compare.overrides, flattened> evaluate``. It reproduces the pipeline up to evaluate; sample, label and
+   heldout do not read any train key, so DVC finds them cached and only train and evaluate run. The
+   stages log into a child MLflow run of the parent (``MLFLOW_RUN_ID``), as they log into a round's run;
 3. the table from ``dvc exp show --json`` (the experiments' params.yaml and metrics files, not anything
    computed in this process): ``reports/comparison.md`` / ``.json``, logged to the parent run; every
    child run gets the same metric names (``eval_win_rate``, ``train_final_loss``, ...).
@@ -17,7 +18,7 @@ params.yaml, dvc.lock and outputs stay as they were. The queue (``--queue`` + ``
 in detached Celery workers that share one environment, so each experiment could not log into its own
 MLflow child run, and its output would not reach the Prefect log. Register stays out of the experiments:
 registering every compared method as a model version would move the champion alias at every comparison;
-``dvc exp apply compare-<method>`` then ``make run`` registers the one you choose.
+``dvc exp apply compare-<method>`` then ``dvc repro --allow-missing register`` registers the one you choose.
 
 Run: ``make compare`` (= ``python -m flows.compare``), or ``python -m flows.compare --methods d3po sft``.
 """
@@ -47,6 +48,7 @@ from flows.round import (
     _logger,
     _mark_failed,
     open_parent_run,
+    resolve_baseline,
     run_stage,
     stage_env,
     stream_command,
@@ -57,8 +59,10 @@ from prefdiff.paths import Paths
 
 COMMAND = "make compare"
 EXPERIMENT_PREFIX = "compare-"
+# Stages that read no train key: run once in the workspace, cached inside every experiment.
+SHARED_STAGES = ("sample", "label", "heldout")
 # The last stage each experiment reproduces (with everything upstream of it): train and evaluate run,
-# sample and label are cached, register stays out (see the module docstring).
+# the shared stages are cached, register stays out (see the module docstring).
 EXPERIMENT_TARGET = "evaluate"
 REPORT_MD = Path("reports") / "comparison.md"
 REPORT_JSON = Path("reports") / "comparison.json"
@@ -209,16 +213,31 @@ def open_method_run(repo: str, parent_run_id: str, method: str) -> str:
     return run.info.run_id
 
 
+def method_baseline(repo: str, method: str) -> list[str]:
+    """Write ``registry/baseline.json`` (and ``models/baseline``) for ``method``'s experiment, as the round
+    does before evaluate: with ``evaluate.baseline: champion`` each method compares with the champion of
+    its own registered model. Returns those of the two paths that exist: the experiment copies them in."""
+    from prefdiff.registry import resolve_baseline as resolve
+
+    root = Path(repo)
+    params = load_params(Paths(root).params)
+    resolve(root, params.evaluate.baseline, params.register.registered_name(method))
+    paths = Paths(root)
+    return [p.relative_to(root).as_posix() for p in (paths.baseline, paths.baseline_weights) if p.exists()]
+
+
 @task(name="dvc-exp-run", task_run_name="dvc-exp-run-{method}", cache_policy=NO_CACHE)
 def run_experiment(repo: str, method: str, set_params: list[str], run_id: str) -> dict[str, Any]:
-    """``dvc exp run --temp -n compare-<method> -S ... evaluate``, each output line logged as it arrives,
-    the stages logging into MLflow run ``run_id``. Returns ``{"method", "experiment", "seconds"}``;
-    raises RuntimeError with the last lines of output if the experiment fails."""
+    """Resolve ``method``'s baseline, then ``dvc exp run --temp -n compare-<method> -S ... evaluate``, each
+    output line logged as it arrives, the stages logging into MLflow run ``run_id``. Returns ``{"method",
+    "experiment", "seconds"}``; raises RuntimeError with the last lines of output if the experiment fails."""
     log = _logger()
     name = experiment_name(method)
     if _remove_same_named(repo, name):
         log.info(f"replacing experiment {name} of this commit")
     cmd = [_dvc_executable(), "exp", "run", "--temp", "-n", name]
+    for copied in method_baseline(repo, method):  # untracked or ignored: a temp copy would lack them
+        cmd += ["-C", copied]
     for value in set_params:
         cmd += ["-S", value]
     cmd.append(EXPERIMENT_TARGET)
@@ -377,7 +396,7 @@ def compare_methods(repo: str | None = None, methods: list[str] | None = None) -
     step: str | None = None
     results: list[dict[str, Any]] = []
     try:
-        for stage in ("sample", "label"):
+        for stage in SHARED_STAGES:
             step = stage
             run_stage(stage, repo_s, parent)
         step = None
@@ -389,6 +408,7 @@ def compare_methods(repo: str | None = None, methods: list[str] | None = None) -
             log_method_run(repo_s, result)
             failing.remove(child)
             results.append(result)
+        resolve_baseline(repo_s)  # the workspace's own baseline again (its train.method's), as a round leaves it
         report = write_report(root, results, command=COMMAND)
 
         import mlflow

@@ -1,8 +1,8 @@
 """``make compare`` (flows/compare.py): every method as a DVC experiment, the table read back through DVC.
 
 The end-to-end test runs the real flow under ``prefect_test_harness`` on a tiny workspace (conftest's
-``make_workspace`` with ``TINY_OVERRIDES``) with two methods: sample and label once in the workspace, then
-one ``dvc exp run --temp`` per method (train + evaluate), ~1.5 min on 2 CPU cores, dominated by the stage
+``make_workspace`` with ``TINY_OVERRIDES``) with two methods: sample, label and heldout once in the workspace,
+then one ``dvc exp run --temp`` per method (train + evaluate), ~1.5 min on 2 CPU cores, dominated by the stage
 subprocesses importing torch/diffusers/mlflow. The override conversion is checked against DVC's own
 ``-S`` code (``dvc.utils.hydra.apply_overrides``), without running anything.
 """
@@ -210,7 +210,7 @@ def test_mlflow_parent_and_one_child_per_method_with_the_experiment_metrics(comp
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(result["run_id"])
     assert (parent.info.run_name, parent.info.status) == ("compare", "FINISHED")
-    assert parent.data.tags["prefdiff.stage.sample"] == "done" and parent.data.tags["prefdiff.stage.label"] == "done"
+    assert all(parent.data.tags[f"prefdiff.stage.{s}"] == "done" for s in ("sample", "label", "heldout"))
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"comparison.md", "comparison.json"}
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -220,10 +220,10 @@ def test_mlflow_parent_and_one_child_per_method_with_the_experiment_metrics(comp
     for method, run in by_method.items():
         tags = run.data.tags
         assert tags["prefdiff.dvc_experiment"] == f"compare-{method}"
-        # train and evaluate ran inside the experiment and logged into this run; sample and label were
+        # train and evaluate ran inside the experiment and logged into this run; the shared stages were
         # cached (a stage that runs tags the run), register is not part of an experiment
         assert (tags["prefdiff.stage.train"], tags["prefdiff.stage.evaluate"]) == ("done", "done")
-        assert not {"prefdiff.stage.sample", "prefdiff.stage.label", "prefdiff.stage.register"} & set(tags)
+        assert not {f"prefdiff.stage.{s}" for s in ("sample", "label", "heldout", "register")} & set(tags)
         exp = exps[f"compare-{method}"]
         assert tags["prefdiff.dvc_experiment_rev"] == exp["rev"]
         ev, tr = (exp["data"]["metrics"][f"metrics/{k}.json"]["data"] for k in ("eval", "train"))
