@@ -1,6 +1,7 @@
 # make run   - the whole round (sample -> label -> train -> heldout -> evaluate -> register) on the offline default,
 #              as a Prefect flow on Prefect's embedded server, each task a `dvc repro` stage, tracked in MLflow
-# make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data; one table
+# make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data, each a DVC
+#              experiment (compare-<method>); one table
 # make test  - the test suite
 # Both create or update the virtual environment .venv first, from the pinned requirements.lock.
 
@@ -42,8 +43,9 @@ test: $(STAMP)
 repro: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
-# Every method of compare.methods on the same labeled data, evaluated against the base with the same
-# prompts and seeds: reports/comparison.md, and child MLflow runs side by side (flows/compare.py).
+# Every method of compare.methods as a DVC experiment compare-<method> (train + evaluate on the same labeled
+# data, the same prompts and seeds): reports/comparison.md from `dvc exp show`, and child MLflow runs side by
+# side (flows/compare.py). `dvc exp apply compare-<method>` brings one into the workspace.
 compare: $(STAMP)
 	$(PY) -m flows.compare
 
@@ -57,4 +59,4 @@ mlflow-ui: $(STAMP)
 # Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
 # metrics/ and plots/ stay: the next run rewrites them).
 clean:
-	rm -rf data/trajectories data/preferences data/heldout models/trained models/checkpoints models/baseline eval comparisons mlflow.db mlartifacts .prefect
+	rm -rf data/trajectories data/preferences data/heldout models/trained models/checkpoints models/baseline eval mlflow.db mlartifacts .prefect

@@ -22,12 +22,12 @@ mlflow is imported inside the tasks only: importing this module must stay cheap 
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -203,6 +203,34 @@ def stage_env(repo: str, run_id: str) -> dict[str, str]:
     return env
 
 
+def stream_command(cmd: list[str], repo: str, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run ``cmd`` in ``repo``, log each non-empty output line (stdout and stderr) as it arrives;
+    returns (exit code, those lines). Interrupted (cancel, Ctrl-C), the command and every process it
+    started are stopped too: DVC does not pass a SIGTERM on to the stage it runs, so the command gets a
+    process group of its own and the whole group is signalled."""
+    log = _logger()
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True, bufsize=1, errors="replace",
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip()
+            if line:
+                lines.append(line)
+                log.info(line)
+        return proc.wait(), lines
+    finally:
+        if proc.poll() is None:  # interrupted: do not leave the command running
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 @task(name="dvc-repro", task_run_name="dvc-repro-{stage}", cache_policy=NO_CACHE)
 def run_stage(stage: str, repo: str, run_id: str) -> dict[str, Any]:
     """``dvc repro --single-item <stage>`` in ``repo``, each output line logged as it arrives.
@@ -215,32 +243,11 @@ def run_stage(stage: str, repo: str, run_id: str) -> dict[str, Any]:
     cmd = [_dvc_executable(), "repro", "--single-item", stage]
     log.info(f"$ {' '.join(cmd[1:])}  (in {repo})")
     began = time.time()
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    ran = False
-    proc = subprocess.Popen(cmd, cwd=repo, env=stage_env(repo, run_id), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                            errors="replace")
-    try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            if not line:
-                continue
-            tail.append(line)
-            if line.startswith(f"Running stage '{stage}'"):
-                ran = True
-            log.info(line)
-        code = proc.wait()
-    finally:
-        if proc.poll() is None:  # interrupted (cancel, Ctrl-C): do not leave the stage running
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    code, lines = stream_command(cmd, repo, stage_env(repo, run_id))
+    ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)
     seconds = round(time.time() - began, 1)
     if code != 0:
+        tail = lines[-TAIL_LINES:]
         raise RuntimeError(
             f"stage {stage!r} failed: `dvc repro --single-item {stage}` exited with {code} after {seconds} s; "
             f"last {len(tail)} lines:\n" + "\n".join(tail)

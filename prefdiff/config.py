@@ -408,21 +408,16 @@ class Params(_Section):
     def _compare_overrides_valid(self) -> Params:
         for method in self.compare.overrides:  # fail at load time, not after an hour of training
             try:
-                self._train_for(method)
+                self.train_for(method)
             except ValidationError as err:
                 raise ValueError(_format_errors(err, f"compare.overrides.{method} over train", TrainParams)) from None
         return self
 
-    def _train_for(self, method: str) -> TrainParams:
+    def train_for(self, method: str) -> TrainParams:
+        """The train section of ``make compare``'s experiment for ``method``: ``compare.overrides[method]``
+        deep-merged over ``train`` with ``method`` set (what its ``dvc exp run -S`` values give)."""
         train = merged(self.train.model_dump(), self.compare.overrides.get(method, {}))
         return TrainParams.model_validate({**train, "method": method})
-
-    def for_method(self, method: str) -> Params:
-        """These params with ``train.method = method`` and ``compare.overrides[method]`` deep-merged over train."""
-        try:
-            return self.model_copy(update={"train": self._train_for(method)})
-        except ValidationError as err:
-            raise ParamsError(_format_errors(err, f"compare.overrides.{method} over train", TrainParams)) from None
 
 
 def merged(base: dict, overrides: dict) -> dict:

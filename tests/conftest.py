@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,52 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 @pytest.fixture
 def tiny_workspace(tmp_path, mlflow_uri) -> Path:
     return make_workspace(tmp_path / "ws", TINY_OVERRIDES)
+
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A throw-away Prefect API (SQLite) for the whole session, with its own PREFECT_HOME."""
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    mp = pytest.MonkeyPatch()
+    # the env for the server subprocess, the settings for this process (prefect is imported already)
+    mp.setenv("PREFECT_HOME", str(home))
+    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
+            with prefect_test_harness(server_startup_timeout=180):
+                yield
+    finally:
+        mp.undo()
+
+
+@contextmanager
+def isolated_mlflow(uri: str):
+    """MLFLOW_TRACKING_URI = ``uri`` for the block; afterwards the MLflow env vars and the fluent
+    globals that the flow sets in this process (tracking URI, active experiment) are put back, so
+    later test modules do not inherit this module's store."""
+    import mlflow
+    import mlflow.tracking.fluent as fluent
+
+    saved = {k: os.environ.get(k) for k in MLFLOW_ENV}
+    for key in MLFLOW_ENV:
+        os.environ.pop(key, None)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        fluent._active_experiment_id = None
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -157,10 +157,10 @@ def test_every_method_section_is_validated_and_only_the_chosen_one_is_in_use():
 def test_compare_overrides_deep_merge_over_train():
     params = parse_params({"train": {"lr": 0.02, "diffusion_dpo": {"beta": 5000.0, "empty_prompt_prob": 0.1}},
                            "compare": {"overrides": {"diffusion_dpo": {"lr": 0.001, "diffusion_dpo": {"beta": 500.0}}}}})
-    tp = params.for_method("diffusion_dpo").train
+    tp = params.train_for("diffusion_dpo")
     assert (tp.method, tp.lr, tp.diffusion_dpo.beta, tp.diffusion_dpo.empty_prompt_prob) == ("diffusion_dpo", 0.001,
                                                                                             500.0, 0.1)
-    assert params.for_method("sft").train.lr == 0.02
+    assert params.train_for("sft").lr == 0.02
     with pytest.raises(ParamsError, match="compare.overrides.diffusion_dpo.dpo_beta moved to "
                                           "compare.overrides.diffusion_dpo.diffusion_dpo.beta"):
         parse_params({"compare": {"overrides": {"diffusion_dpo": {"dpo_beta": 500.0}}}})

@@ -10,17 +10,15 @@ round reuse that workspace (a copy for the failure), so they cost seconds.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_OVERRIDES, make_workspace
+from conftest import REPO, TINY_OVERRIDES, isolated_mlflow, make_workspace
 
 from flows.round import (
     STAGES,
@@ -37,58 +35,11 @@ from prefdiff.config import ParamsError
 from prefdiff.paths import Paths
 
 EXPERIMENT = "prefdiff"  # params.yaml register.experiment (not overridden by TINY_OVERRIDES)
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    """A throw-away Prefect API (SQLite) for the whole session, with its own PREFECT_HOME."""
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    mp = pytest.MonkeyPatch()
-    # the env for the server subprocess, the settings for this process (prefect is imported already)
-    mp.setenv("PREFECT_HOME", str(home))
-    mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    try:
-        with temporary_settings(updates={PREFECT_HOME: str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 180}):
-            with prefect_test_harness(server_startup_timeout=180):
-                yield
-    finally:
-        mp.undo()
-
-
-@contextmanager
-def isolated_mlflow(uri: str):
-    """MLFLOW_TRACKING_URI = ``uri`` for the block; afterwards the MLflow env vars and the fluent
-    globals that the flow sets in this process (tracking URI, active experiment) are put back, so
-    later test modules do not inherit this module's store."""
-    import mlflow
-    import mlflow.tracking.fluent as fluent
-
-    saved = {k: os.environ.get(k) for k in MLFLOW_ENV}
-    for key in MLFLOW_ENV:
-        os.environ.pop(key, None)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield uri
-    finally:
-        while mlflow.active_run() is not None:
-            mlflow.end_run()
-        mlflow.set_tracking_uri(None)
-        fluent._active_experiment_id = None
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @dataclass
@@ -435,40 +386,3 @@ def test_flow_module_import_is_cheap():
     code = "import sys, flows.round; print(any(m in sys.modules for m in ('mlflow', 'torch', 'diffusers')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-
-
-# --------------------------------------------------------------------------------------------------
-# compare-methods: one labeled data set, every method, one table
-# --------------------------------------------------------------------------------------------------
-
-
-def test_compare_methods_trains_each_method_on_the_same_data(prefect_harness, tmp_path):
-    from flows.compare import compare_methods
-    from prefdiff.compare import REPORT_JSON, REPORT_MD
-
-    methods = ["d3po", "diffusion_dpo", "sft", "reward_weighted"]
-    overrides = {**TINY_OVERRIDES, "evaluate": {**TINY_OVERRIDES["evaluate"], "implicit_accuracy": False,
-                                                "reward_curve": False},
-                 "compare": {"methods": methods, "overrides": {"diffusion_dpo": {"lr": 0.001, "diffusion_dpo": {"beta": 500.0}}}}}
-    with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db") as uri:
-        ws = make_workspace(tmp_path / "ws", overrides)
-        result = compare_methods(repo=str(ws))
-        table = (ws / REPORT_MD).read_text()
-        data = json.loads((ws / REPORT_JSON).read_text())
-        client = _client(uri)
-        children = client.search_runs(
-            [client.get_run(result["run_id"]).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'")
-    assert [r["method"] for r in data["results"]] == methods
-    for method in methods:
-        assert f"| {method} |" in table
-        assert (ws / "comparisons" / method / "models/trained").is_dir()
-    # every method was trained on the same pairs and evaluated on the same paired samples
-    assert len({r["train"]["items"] for r in data["results"] if r["method"] != "ddpo"}) == 1
-    assert len({r["eval"]["base_mean_reward"] for r in data["results"]}) == 1
-    assert sorted(r.data.tags["prefdiff.method"] for r in children) == sorted(methods)
-    # the same metric names in every child run, so the MLflow UI lines them up
-    names = [set(r.data.metrics) for r in children]
-    assert all("eval_win_rate" in n and "eval_trained_mean_reward" in n for n in names)
-    assert {r.data.params["train.method"] for r in children} == set(methods)
-    assert {r.data.params["train.lr"] for r in children if r.data.tags["prefdiff.method"] == "diffusion_dpo"} == {"0.001"}
