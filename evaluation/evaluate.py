@@ -132,7 +132,7 @@ def _baseline(params: Params, paths: Paths, pipe, progress) -> tuple[dict[str, A
             lambda: trained_weights(pipe, weights))
 
 
-def evaluate_lora(params: Params, trained_dir: Path, paths: Paths, *,
+def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
                   progress: Callable[[str], None] = print) -> EvalResult:
     """Score baseline and trained samples with every scorer; write metrics, plots, grid and the HTML report.
     ``trained_dir``: a LoRA or a full UNet (``prefdiff.models.finetuned``), with epoch snapshots."""

@@ -26,7 +26,7 @@ from PIL import Image
 
 from prefdiff.data.atomic import atomic_write_text
 
-__all__ = ["format_value", "png_data_uri", "render_html", "render_report"]
+__all__ = ["format_value", "png_data_uri", "render_report"]
 
 # Known metric columns, in display order; any other key of a row follows, in order of first appearance.
 METRIC_COLUMNS = ("metric", "scorer", "base", "trained", "diff", "ci_low", "ci_high", "win_rate", "win_rate_ci",

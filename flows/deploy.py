@@ -1,4 +1,4 @@
-"""Run the D3PO round on a schedule.
+"""Run the preference round (any train.method) on a schedule.
 
 Two routes, both Prefect 3's own ways to schedule a flow:
 
@@ -31,24 +31,24 @@ def build_deployment(
 ):
     """The round as a ``RunnerDeployment`` on cron schedule ``cron`` in ``timezone``, concurrency 1.
 
-    ``parameters`` are ``d3po_round``'s (``repo``, ``stages``, ``run_name``). ``.apply()`` registers it
+    ``parameters`` are ``preference_round``'s (``repo``, ``stages``, ``run_name``). ``.apply()`` registers it
     with the API (returns its id); ``prefect.serve(...)`` registers and runs it."""
     from prefect.schedules import Cron
 
-    from flows.round import d3po_round
+    from flows.round import preference_round
 
-    return d3po_round.to_deployment(
+    return preference_round.to_deployment(
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         concurrency_limit=1,  # DVC's workspace lock: one round per checkout at a time
         parameters=parameters or {},
-        description=f"D3PO round (sample -> label -> train -> evaluate -> register) on cron {cron!r} ({timezone}).",
+        description=f"Preference round (sample -> label -> train -> heldout -> evaluate -> register) on cron {cron!r} ({timezone}).",
         tags=["prefdiff", "d3po"],
     )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.deploy", description="Serve the D3PO round on a cron schedule.")
+    p = argparse.ArgumentParser(prog="python -m flows.deploy", description="Serve the preference round on a cron schedule.")
     p.add_argument("--name", default=DEFAULT_NAME, help=f"deployment name (default {DEFAULT_NAME!r})")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"cron schedule (default {DEFAULT_CRON!r})")
     p.add_argument("--timezone", default=DEFAULT_TIMEZONE, help=f"timezone of the schedule (default {DEFAULT_TIMEZONE!r})")

@@ -418,10 +418,10 @@ def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException,
         _logger().warning(f"could not mark MLflow run {run_id} as failed: {exc}")
 
 
-@flow(name="d3po-round", log_prints=True,
+@flow(name="preference-round", log_prints=True,
       description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), "
                   "tracked in MLflow.")
-def d3po_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
+def preference_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
     """Run the pipeline's DVC stages (default: all six, in order) in ``repo`` (default: this repo),
     each as a task, all logging into one new MLflow run (the baseline resolved before evaluate); then log
     the final metrics, lineage and artifacts from files.
@@ -468,7 +468,7 @@ def main() -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        d3po_round()
+        preference_round()
     except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
         print(f"\nd3po_round failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
               file=sys.stderr)

@@ -27,10 +27,10 @@ def main() -> None:
     params = load_or_exit(paths)
     import mlflow
 
-    from evaluation.evaluate import evaluate_lora, flat_metrics
+    from evaluation.evaluate import evaluate_trained, flat_metrics
 
     with tracked("evaluate", params, paths, ("evaluate",)) as log_metrics:
-        result = evaluate_lora(params, paths.trained, paths, progress=say)
+        result = evaluate_trained(params, paths.trained, paths, progress=say)
         m = result.metrics
         say(f"evaluate: {headline(m)}")
         for name, reason in m["skipped_scorers"].items():

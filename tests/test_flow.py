@@ -23,7 +23,7 @@ from conftest import REPO, TINY_OVERRIDES, isolated_mlflow, make_workspace
 from flows.round import (
     STAGES,
     check_stages,
-    d3po_round,
+    preference_round,
     file_metrics,
     is_transient_io_error,
     open_parent_run,
@@ -89,7 +89,7 @@ def round1(prefect_harness, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round")
     with isolated_mlflow(f"sqlite:///{tmp}/mlflow.db") as uri:
         ws = make_workspace(tmp / "ws", TINY_OVERRIDES)
-        state = d3po_round(repo=str(ws), run_name="round-1", return_state=True)
+        state = preference_round(repo=str(ws), run_name="round-1", return_state=True)
         lock = (ws / "dvc.lock").read_bytes() if (ws / "dvc.lock").is_file() else b""
         yield Round(ws=ws, uri=uri, first_state=state, first_lock=lock, first_versions=_model_versions(uri))
 
@@ -156,7 +156,7 @@ def test_round_runs_six_stages_into_one_mlflow_run(round1):
 
 def test_second_round_skips_every_stage_and_logs_metrics_from_files(round1):
     with isolated_mlflow(round1.uri):
-        state = d3po_round(repo=str(round1.ws), run_name="round-2", return_state=True)
+        state = preference_round(repo=str(round1.ws), run_name="round-2", return_state=True)
     assert state.is_completed(), f"flow ended {state.type}: {state.message}"
     result = state.result()
     assert result["stages"] == dict.fromkeys(STAGES, False)
@@ -191,7 +191,7 @@ def test_stage_failure_fails_the_flow_naming_the_stage(round1, tmp_path):
     (ws / "stages" / "label.py").write_text('raise SystemExit("label exploded on purpose")\n')
     with isolated_mlflow(round1.uri):
         with pytest.raises(RuntimeError, match="stage 'label' failed") as err:
-            d3po_round(repo=str(ws), stages=["sample", "label", "train"], run_name="round-broken")
+            preference_round(repo=str(ws), stages=["sample", "label", "train"], run_name="round-broken")
     assert "label exploded on purpose" in str(err.value)  # the tail of the stage's own output
     run = [r for r in _runs(round1.uri) if r.info.run_name == "round-broken"][0]
     assert run.info.status == "FAILED"
@@ -210,7 +210,7 @@ def test_invalid_params_fail_before_anything_runs(prefect_harness, tmp_path):
     (ws / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db"):
         with pytest.raises(ParamsError, match=r"train\.lr"):
-            d3po_round(repo=str(ws))
+            preference_round(repo=str(ws))
     assert not (tmp_path / "mlflow.db").exists(), "validation must come before MLflow is touched"
 
 
@@ -342,11 +342,11 @@ def test_deployment_applies_with_cron_and_concurrency_one(prefect_harness, monke
     with get_client(sync_client=True) as client:
         dep = client.read_deployment(deployment_id)
         flow = client.read_flow(dep.flow_id)
-    assert flow.name == d3po_round.name == "d3po-round"
+    assert flow.name == preference_round.name == "preference-round"
     assert dep.name == "test-round"
     assert [s.schedule.cron for s in dep.schedules] == ["*/5 * * * *"]
     assert dep.schedules[0].schedule.timezone == "UTC"
-    assert dep.entrypoint == "flows/round.py:d3po_round"
+    assert dep.entrypoint == "flows/round.py:preference_round"
     limit = dep.global_concurrency_limit.limit if dep.global_concurrency_limit else dep.concurrency_limit
     assert limit == 1
 
@@ -365,10 +365,10 @@ def test_prefect_yaml_is_a_valid_work_pool_deployment():
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
     model = PrefectYamlModel.model_validate(raw)
     (dep,) = [d for d in model.deployments if d.name == "nightly-round"]
-    assert dep.entrypoint == "flows/round.py:d3po_round"
+    assert dep.entrypoint == "flows/round.py:preference_round"
     file, _, func = dep.entrypoint.partition(":")
     assert (REPO / file).is_file()
-    assert load_flow_from_entrypoint(str(REPO / dep.entrypoint)).name == "d3po-round"
+    assert load_flow_from_entrypoint(str(REPO / dep.entrypoint)).name == "preference-round"
     assert dep.work_pool.name == "prefdiff-local"
     assert dep.concurrency_limit == 1
     (schedule,) = raw["deployments"][0]["schedules"]

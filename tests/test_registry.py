@@ -339,7 +339,7 @@ def test_champion_is_the_evaluation_baseline(registry, tmp_path):
     and models/baseline, and compares the trained model against it."""
     import torch
 
-    from evaluation.evaluate import evaluate_lora
+    from evaluation.evaluate import evaluate_trained
     from prefdiff.config import parse_params
     from prefdiff.data import DatasetError
     from prefdiff.data.baseline import read_baseline, tree_sha256
@@ -382,14 +382,14 @@ def test_champion_is_the_evaluation_baseline(registry, tmp_path):
                                         "implicit_accuracy": False, "reward_curve": False, "report": False},
                            "register": {"model_name": "champ-model"}})
     # the trained model IS the champion here: every paired sample is identical, all ties
-    result = evaluate_lora(params, champ_dir, ws, progress=lambda _: None)
+    result = evaluate_trained(params, champ_dir, ws, progress=lambda _: None)
     assert result.metrics["baseline"] == f"champion v{decision.version}"
     assert result.metrics["baseline_version"] == decision.version
     assert result.metrics["ties"] == 2 and result.metrics["reward_gain"] == 0.0
 
     (ws.baseline_weights / lora_mod.LORA_WEIGHT_NAME).write_bytes(b"tampered")
     with pytest.raises(DatasetError, match="sha256"):
-        evaluate_lora(params, champ_dir, ws, progress=lambda _: None)
+        evaluate_trained(params, champ_dir, ws, progress=lambda _: None)
     other = params.model_copy(update={"register": params.register.model_copy(update={"model_name": "other"})})
     with pytest.raises(DatasetError, match="names the champion of 'champ-model'"):
-        evaluate_lora(other, champ_dir, ws, progress=lambda _: None)
+        evaluate_trained(other, champ_dir, ws, progress=lambda _: None)

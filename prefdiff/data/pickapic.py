@@ -328,7 +328,4 @@ def import_pickapic(
                          files=file_info, index_path=index_path)
 
 
-__all__ = [
-    "ALLOWED_LABELS", "ImportConfig", "ImportSummary", "REQUIRED_COLUMNS", "center_crop_corner",
-    "find_parquet_files", "import_pickapic", "resized_size", "transform_image",
-]
+__all__ = ["ImportConfig", "ImportSummary", "import_pickapic", "resized_size"]

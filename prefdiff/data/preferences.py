@@ -582,6 +582,5 @@ class PreferenceStore:
 
 __all__ = [
     "ImagePair", "ImagePairWriter", "LabelSummary", "PreferencePair", "PreferenceStore", "summarize",
-    "write_preferences", "image_png_name", "workspace_ref", "NO_TRAJECTORIES_MSG",
-    "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "KIND",
+    "write_preferences", "workspace_ref", "SCHEMA_VERSION", "KIND",
 ]
