@@ -33,6 +33,14 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
+def pytest_report_header(config) -> str:
+    # Float results may differ in the last bits between thread counts (reduction blocking); the suite must
+    # pass with any (OMP_NUM_THREADS=1 make test, OMP_NUM_THREADS=2 make test), so every log says which ran.
+    import torch
+
+    return f"torch intra-op threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})"
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
 
