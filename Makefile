@@ -37,7 +37,7 @@ run: $(STAMP)
 	$(PY) -m flows.round
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 # The same pipeline without Prefect (plain DVC; the venv's python must come first on PATH).
 repro: $(STAMP)
