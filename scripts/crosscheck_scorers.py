@@ -3,7 +3,7 @@
 
 Needs the optional ``crosscheck`` extra (``open_clip_torch``, ``image-reward``, ``torchvision``), best in a
 separate virtual environment: ``image-reward`` 1.5 does not import on transformers 5 and pins ``timm==0.6.13``,
-and installing ``open_clip_torch`` may replace the CPU torch build (see the research report, section 3).
+and installing ``open_clip_torch`` may replace the CPU torch build with another one.
 
     python scripts/crosscheck_scorers.py            # every check whose packages are importable
     python scripts/crosscheck_scorers.py hpsv2      # one check: hpsv2 | image_reward | blip_itc | preprocess
@@ -51,7 +51,7 @@ def _missing(modules: tuple[str, ...]) -> list[str]:
 def _import(name: str):
     try:
         return importlib.import_module(name)
-    except Exception as err:  # image-reward 1.5 fails on transformers 5 (report section 3)
+    except Exception as err:  # image-reward 1.5 fails to import on transformers 5
         raise MissingPackage(f"{name} is installed but does not import ({type(err).__name__}: {err}); it needs "
                              "an older stack (image-reward 1.5: transformers<5, timm==0.6.13) - use a separate "
                              "venv") from err

@@ -2,7 +2,7 @@
 of the ORIGINAL layouts (open_clip ViT/text transformer, BLIP's timm-style ViT) computed straight from an
 original-format state dict - so the converter tests check the key maps' meaning, not just map∘inverse = id.
 
-Configs follow the research report's tiny configs (shown to work on transformers 5.23).
+Tiny configs of each architecture, checked to build and run on transformers 5.23.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Trajectory store: the sampled denoising chains a preference round trains on.
 
-Layout of the directory (see .spec/SPEC.md, "Trajectory store format"):
+Layout of the directory:
 
 - ``shard-%05d.safetensors`` with tensors
   ``latents`` float32 [n, T+1, C, H, W] (x_T first; entry j+1 is the output of DDIM step j),

@@ -8,7 +8,7 @@ asked). Shapes must match. The result then loads with ``load_state_dict(strict=T
 zero unexpected keys. Inverse maps (``*_to_original``) rebuild the original layout; the tests use them to
 write tiny models in the original format and convert them back.
 
-Maps (the same as transformers' ``convert_blip_original_pytorch_to_hf.py`` and the research report):
+Maps (the same as transformers' ``convert_blip_original_pytorch_to_hf.py``):
 
 * BLIP ViT (``visual_encoder.``, timm style) -> ``BlipVisionModel``: ``cls_token`` -> ``embeddings.class_embedding``,
   ``pos_embed`` -> ``embeddings.position_embedding``, ``patch_embed.proj`` -> ``embeddings.patch_embedding``,
