@@ -133,7 +133,7 @@ def _baseline(params: Params, paths: Paths, pipe, progress) -> tuple[dict[str, A
 
 
 def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
-                  progress: Callable[[str], None] = print) -> EvalResult:
+                     progress: Callable[[str], None] = print) -> EvalResult:
     """Score baseline and trained samples with every scorer; write metrics, plots, grid and the HTML report.
     ``trained_dir``: a LoRA or a full UNet (``prefdiff.models.finetuned``), with epoch snapshots."""
     from prefdiff.models.finetuned import trained_weights
