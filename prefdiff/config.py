@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -108,15 +108,47 @@ class PickapicImportParams(_Section):
     on_bad_row: Literal["error", "skip"] = "error"  # skip: count rejected rows in the dataset index
 
 
+class AnnotatorParams(_Section):
+    """One simulated annotator (``prefdiff.labeling.annotators``, Bradley-Terry choices)."""
+
+    # expected share of its choices that agree with label.judge (with bias 0); 0.5 would be a coin flip
+    accuracy: float = 0.85
+    bias: float = Field(0.0, allow_inf_nan=False)  # log-odds added in favour of the image shown first
+
+    @field_validator("accuracy")
+    @classmethod
+    def _accuracy(cls, v: float) -> float:
+        if not 0.5 < v < 1.0:
+            raise ValueError("must be strictly between 0.5 (a coin flip) and 1 (the judge itself)")
+        return v
+
+
+class SimulatedLabelParams(_Section):
+    """``label.source: simulated``: annotators that prefer by ``label.judge`` through Bradley-Terry noise."""
+
+    # groups go to annotators round-robin (group_id % number of annotators)
+    annotators: list[AnnotatorParams] = Field(default_factory=lambda: [AnnotatorParams()])
+    seed: int = Field(0, ge=0)  # each choice is a pure function of (seed, annotator, group, pair)
+
+    @field_validator("annotators")
+    @classmethod
+    def _annotators(cls, v: list[AnnotatorParams]) -> list[AnnotatorParams]:
+        if not v:
+            raise ValueError("needs at least one annotator, e.g. [{accuracy: 0.85, bias: 0.0}]")
+        return v
+
+
 class LabelParams(_Section):
-    # judge: rank our own sampled groups with an automatic judge; pickapic: import parquet pairs instead
-    source: Literal["judge", "pickapic"] = "judge"
+    # judge: rank our own sampled groups with an automatic judge; pickapic: import parquet pairs instead;
+    # simulated: annotators choose by the judge through Bradley-Terry noise (label.simulated)
+    source: Literal["judge", "pickapic", "simulated"] = "judge"
     # Any scorer (prefdiff.catalog.SCORERS: jpeg_*, pickscore, image_reward, laion_aesthetic, clip_score,
     # hpsv2.1, ...) can judge: groups are ranked by it, as the Diffusion-DPO AI-feedback experiments do.
     judge: str = "jpeg_compressibility"
     judge_args: dict[str, Any] = Field(default_factory=dict)  # the scorer's sources/device/dtype/batch_size
     jpeg_quality: int = Field(95, ge=1, le=95)
     pickapic: PickapicImportParams = PickapicImportParams()
+    simulated: SimulatedLabelParams = SimulatedLabelParams()
 
     @field_validator("judge")
     @classmethod
@@ -448,6 +480,9 @@ def _format_errors(err: ValidationError, source: str, root: Any = None) -> str:
         if e["type"] == "extra_forbidden":
             model: Any = root or Params  # walk to the (possibly nested) section that holds the unknown key
             for part in e["loc"][:-1]:
+                if isinstance(part, int) and get_args(model):  # an item of a list field: its item model
+                    model = get_args(model)[0]
+                    continue
                 field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
                 model = field.annotation if field is not None else model
             allowed = ", ".join(model.model_fields)

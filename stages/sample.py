@@ -18,7 +18,7 @@ def main() -> None:
     from prefdiff.sampling.dataset import sample_dataset
 
     with tracked("sample", params, paths, ("model", "sampling", "sample")) as log_metrics:
-        if params.label.source != "judge":
+        if params.label.source == "pickapic":
             reason = (f"label.source is {params.label.source!r}: the label stage imports image pairs and "
                       "never reads sampled chains")
             write_not_sampled(paths.trajectories, reason)

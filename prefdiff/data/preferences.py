@@ -18,6 +18,9 @@ Directory with ``pairs.jsonl`` (one JSON object per line), ``index.json`` and, f
 
 Schema versions: 2 (written now) has ``index["source"]``; 1 (written before imported datasets existed) has
 no ``source`` key and is read as ``{"kind": "trajectories"}`` — version-1 datasets stay readable.
+Pairs chosen by simulated annotators (:mod:`prefdiff.labeling.annotators`) add two optional keys within
+version 2: each row's ``annotator`` (an index) and ``index["annotators"]`` (``{"annotators": [...], ...}``:
+who they are, in index order); datasets without them read as before, with ``annotator`` None.
 """
 
 from __future__ import annotations
@@ -74,7 +77,12 @@ def image_png_name(image_id: int) -> str:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One judged comparison inside a prompt group. For a tie, winner < loser (ids) and tie=True."""
+    """One judged comparison inside a prompt group. For a tie, winner < loser (ids) and tie=True.
+
+    ``annotator``: which annotator chose (an index into the dataset's ``index["annotators"]``), or None when
+    the judge itself decided. A row stores the key only when it is set, so judge-labeled datasets keep
+    their bytes and rows written before the key existed read as None.
+    """
 
     group_id: int
     prompt: str
@@ -83,6 +91,7 @@ class PreferencePair:
     winner_score: float
     loser_score: float
     tie: bool
+    annotator: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,8 @@ class _PairsFile:
 
     def add(self, pair: PreferencePair, extra: dict[str, Any]) -> None:
         row: dict[str, Any] = asdict(pair)
+        if pair.annotator is None:
+            del row["annotator"]
         row.update(extra)
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
         self._f.write(data)
@@ -193,8 +204,9 @@ class _PairsFile:
             self._f.close()
 
 
-def _index(judge: dict, counts: dict[str, Any], *, source: dict, trajectories: dict | None) -> dict[str, Any]:
-    return {
+def _index(judge: dict, counts: dict[str, Any], *, source: dict, trajectories: dict | None,
+           annotators: dict | None = None) -> dict[str, Any]:
+    index = {
         "schema_version": SCHEMA_VERSION,
         "kind": KIND,
         "judge": judge,
@@ -203,14 +215,20 @@ def _index(judge: dict, counts: dict[str, Any], *, source: dict, trajectories: d
         "trajectories": trajectories,
         "created_by": f"prefdiff {__version__}",
     }
+    if annotators is not None:  # only when annotators chose: judge-labeled indexes keep their bytes
+        index["annotators"] = annotators
+    return index
 
 
 def write_preferences(
-    out_dir: Path, pairs: list[PreferencePair], *, judge: dict, trajectories: TrajectoryStore
+    out_dir: Path, pairs: list[PreferencePair], *, judge: dict, trajectories: TrajectoryStore,
+    annotators: dict | None = None,
 ) -> Path:
     """Write a trajectory-backed dataset: pairs.jsonl then index.json into a temp dir swapped into ``out_dir``.
 
-    ``judge`` must be ``{"name": str, "higher_is_better": bool, "params": dict}``. Returns the index path.
+    ``judge`` must be ``{"name": str, "higher_is_better": bool, "params": dict}``. ``annotators`` (when
+    annotators, not the judge, chose the winners) is recorded as ``index["annotators"]``: their settings
+    and counts, listed in the order the rows' ``annotator`` indices refer to. Returns the index path.
     """
     judge = _check_judge(judge)
     out_dir = Path(out_dir)
@@ -225,7 +243,8 @@ def write_preferences(
         counts = pf.finish()
         index = _index(judge, counts, source={"kind": "trajectories"},
                        trajectories={"path": _trajectories_ref(trajectories),
-                                     "index_sha256": trajectories.index_sha256()})
+                                     "index_sha256": trajectories.index_sha256()},
+                       annotators=annotators)
         atomic_write_json(tmp / INDEX_NAME, index)  # last: its presence marks a complete dataset
         commit_dir(tmp, out_dir)
     except BaseException:
@@ -359,7 +378,11 @@ def _parse_line(path: Path, lineno: int, line: str) -> tuple[PreferencePair, dic
         # bool is an int subclass in Python: refuse it where an int id is expected
         if not isinstance(v, typ) or (typ is not bool and isinstance(v, bool)):
             raise DatasetError(f"{where}: {key}={v!r} has type {type(v).__name__}; expected {typ} — {_HINT}")
-    pair = PreferencePair(**{k: (float(obj[k]) if k.endswith("_score") else obj[k]) for k in _FIELDS})
+    annotator = obj.get("annotator")
+    if annotator is not None and (not isinstance(annotator, int) or isinstance(annotator, bool) or annotator < 0):
+        raise DatasetError(f"{where}: annotator={annotator!r}; expected an index >= 0, or no key — {_HINT}")
+    pair = PreferencePair(**{k: (float(obj[k]) if k.endswith("_score") else obj[k]) for k in _FIELDS},
+                          annotator=annotator)
     if pair.winner == pair.loser:
         raise DatasetError(f"{where}: winner and loser are both image {pair.winner} — {_HINT}")
     if pair.tie and pair.winner > pair.loser:
@@ -474,6 +497,11 @@ class PreferenceStore:
             pairs.append(pair)
             if image_rows is not None:
                 image_rows.append(_parse_image_row(root, f"{pairs_path}:{i}", obj))
+        listed = len(index["annotators"].get("annotators", [])) if isinstance(index.get("annotators"), dict) else 0
+        unlisted = sorted({p.annotator for p in pairs if p.annotator is not None and p.annotator >= listed})
+        if unlisted:
+            raise DatasetError(f"{pairs_path}: rows name annotators {unlisted[:5]}, but {index_path} lists "
+                               f"{listed} annotator(s) — {_HINT}")
         if len(pairs) != index["num_pairs"] or sum(p.tie for p in pairs) != index["num_ties"]:
             raise DatasetError(
                 f"{pairs_path}: {len(pairs)} pairs / {sum(p.tie for p in pairs)} ties; index says "

@@ -22,7 +22,10 @@ from prefdiff.scorers import Scorer, get_scorer, scorer_arguments, scores_as_dec
 if TYPE_CHECKING:
     from prefdiff.data.trajectories import TrajectoryStore
 
-__all__ = ["LabelSummary", "judge_scorer", "label_trajectories", "pairs_from_groups", "summarize"]
+__all__ = [
+    "LabelSummary", "judge_metadata", "judge_scorer", "label_trajectories", "pairs_from_groups", "score_trajectories",
+    "summarize",
+]
 
 
 def judge_scorer(name: str, args: Mapping[str, Any], jpeg_quality: int) -> Scorer:
@@ -72,19 +75,18 @@ def _score(scores: Mapping[int, float], image_id: int) -> float:
     return s
 
 
-def label_trajectories(
+def score_trajectories(
     store: TrajectoryStore,
     judge: Scorer,
-    out_dir: Path,
     *,
     batch_size: int = 64,
     progress: Callable[[str], None] | None = None,
-) -> Path:
-    """Score every final PNG with ``judge`` in batches, build pairs, write the preference dataset.
+) -> dict[int, float]:
+    """Score every final PNG of ``store`` with ``judge`` in batches: ``{image_id: score}``.
 
-    Scores are stored as their float32 values' shortest decimals (``scores_as_decimals``): the same order and
-    ties as the float32 scores, and JPEG sizes exact in kB. ``progress`` receives lines like "scored 64/90
-    images" (default: print). Returns the index path; the counts are ``PreferenceStore.open(out_dir).summary()``.
+    Scores are their float32 values' shortest decimals (``scores_as_decimals``): the same order and ties as
+    the float32 scores, and JPEG sizes exact in kB. ``progress`` receives lines like "scored 64/90 images"
+    (default: print).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -102,6 +104,26 @@ def label_trajectories(
             raise ValueError(f"judge {judge.name!r} returned {len(batch)} scores for {len(ids)} images")
         scores.update(zip(ids, scores_as_decimals(batch)))
         report(f"scored {len(scores)}/{n} images")
+    return scores
+
+
+def judge_metadata(judge: Scorer) -> dict[str, Any]:
+    """What a preference dataset's index records about its judge."""
+    return {"name": judge.name, "higher_is_better": bool(judge.higher_is_better), "params": judge.params()}
+
+
+def label_trajectories(
+    store: TrajectoryStore,
+    judge: Scorer,
+    out_dir: Path,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Score every final PNG with ``judge`` (:func:`score_trajectories`), build pairs, write the dataset.
+
+    Returns the index path; the counts are ``PreferenceStore.open(out_dir).summary()``.
+    """
+    scores = score_trajectories(store, judge, batch_size=batch_size, progress=progress)
     pairs = pairs_from_groups(store.groups(), scores, higher_is_better=judge.higher_is_better)
-    meta = {"name": judge.name, "higher_is_better": bool(judge.higher_is_better), "params": judge.params()}
-    return write_preferences(Path(out_dir), pairs, judge=meta, trajectories=store)
+    return write_preferences(Path(out_dir), pairs, judge=judge_metadata(judge), trajectories=store)
