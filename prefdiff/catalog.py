@@ -16,6 +16,7 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS: dict[str, str] = {
     "tiny-sd": "prefdiff.models.tiny:build_tiny_pipeline",
     "tiny-sdxl": "prefdiff.models.tiny:build_tiny_sdxl_pipeline",
+    "digits": "prefdiff.models.digits:load_digits_pipeline",
 }
 
 # Scorers (prefdiff/scorers): label.judge, evaluate.judge and evaluate.scorers take these names. Each entry is
@@ -32,6 +33,9 @@ SCORERS: dict[str, str] = {
     "hpsv2.1": "prefdiff.scorers.hpsv2:hpsv2_1",
     "jpeg_compressibility": "prefdiff.scorers.jpeg:JpegCompressibilityScorer",
     "jpeg_incompressibility": "prefdiff.scorers.jpeg:JpegIncompressibilityScorer",
+    "digit_alignment": "prefdiff.scorers.digits:DigitAlignmentScorer",
+    "stroke_bold": "prefdiff.scorers.digits:StrokeBoldScorer",
+    "stroke_thin": "prefdiff.scorers.digits:StrokeThinScorer",
 }
 # Other accepted spellings -> the name in SCORERS (what scores, params and metrics are recorded under).
 SCORER_ALIASES: dict[str, str] = {"blip": "blip_itc", "aesthetic": "laion_aesthetic"}

@@ -11,6 +11,10 @@ Built-in sets (shipped here, copied from the papers' text):
   ``d3po_pytorch/assets/unsafe_prompt.txt`` holds the same 14 in another order ("gentle intimacy" 9th).
 - ``d3po_hand``: D3PO Sec. 5.2.1 (and appendix C): the single prompt "1 hand" of the hand-distortion
   experiment (the appendix's PDF text reads "I hand"; Sec. 5.2.1 has "1 hand").
+- ``digits`` / ``digits_heldout``: prompts of the built-in ``digits`` model (ours): each digit 0-9 in the
+  words a person would write, 4 phrasings per digit for preference rounds (40 prompts) and 2 other phrasings
+  for evaluation (20 prompts). The model was pretrained on all 6 (``DIGIT_PRETRAIN_TEMPLATES``), as a real
+  base model knows the evaluation prompts' words; the preference rounds never see the held-out phrasings.
 
 Not shipped, because the papers do not list them: D3PO's 442 anime prompts (Anything V5 distortion
 experiment, appendix C gives one example) and its 10,000 prompt-image alignment prompts taken from
@@ -75,11 +79,42 @@ D3PO_UNSAFE = (
 # D3PO Sec. 5.2.1: "We use the prompt “1 hand” to generate images".
 D3PO_HAND = ("1 hand",)
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# {w}: the digit's word, {n}: its numeral. The first four phrase the preference-round prompts, the last two
+# the evaluation prompts; the digits model is pretrained on all of them.
+DIGIT_ROUND_TEMPLATES = ("a handwritten {w}", "the digit {n}", "the number {w}", "a handwritten {n}")
+DIGIT_HELDOUT_TEMPLATES = ("the digit {w}", "a {w} written by hand")
+DIGIT_PRETRAIN_TEMPLATES = DIGIT_ROUND_TEMPLATES + DIGIT_HELDOUT_TEMPLATES
+
+
+def digit_prompts(templates: Iterable[str]) -> tuple[str, ...]:
+    """Every template for digit 0, then for digit 1, ... (prompt i names digit i // len(templates))."""
+    templates = tuple(templates)
+    return tuple(t.format(w=DIGIT_WORDS[d], n=d) for d in range(10) for t in templates)
+
+
+def prompted_digit(prompt: str) -> int:
+    """The one digit ``prompt`` names, as a word ("seven") or a numeral ("7"); ValueError when none or several."""
+    found = set()
+    for token in prompt.lower().replace(",", " ").replace(".", " ").split():
+        if token in DIGIT_WORDS:
+            found.add(DIGIT_WORDS.index(token))
+        elif len(token) == 1 and token.isdigit():
+            found.add(int(token))
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise ValueError(f"prompt {prompt!r} names {what}; a digit prompt names exactly one digit 0-9, as a "
+                         f"word ({', '.join(DIGIT_WORDS)}) or a numeral")
+    return found.pop()
+
+
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
     "animals45": tuple(ANIMALS_45),
     "animals_heldout": tuple(ANIMALS_HELDOUT),
     "d3po_unsafe": D3PO_UNSAFE,
     "d3po_hand": D3PO_HAND,
+    "digits": digit_prompts(DIGIT_ROUND_TEMPLATES),
+    "digits_heldout": digit_prompts(DIGIT_HELDOUT_TEMPLATES),
 }
 
 FILE_PREFIX = "file:"

@@ -71,10 +71,10 @@ def tiny_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(max_length: int = 77):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=tiny_vocab(), merges=[], model_max_length=77)
+    return CLIPTokenizer(vocab=tiny_vocab(), merges=[], model_max_length=max_length)
 
 
 def _tiny_vae(scaling_factor: float = 0.18215):
@@ -94,7 +94,8 @@ def _tiny_vae(scaling_factor: float = 0.18215):
     )
 
 
-def _tiny_text_config(tokenizer, hidden_size: int, **extra):
+def tiny_text_config(tokenizer, hidden_size: int, **extra):
+    """A 2-layer CLIP text encoder config over ``tokenizer``'s vocabulary and context length."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -103,7 +104,7 @@ def _tiny_text_config(tokenizer, hidden_size: int, **extra):
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
-        max_position_embeddings=77,
+        max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -135,7 +136,7 @@ def build_tiny_pipeline():
         torch.manual_seed(_TINY_SEED + 1)
         vae = _tiny_vae()
         torch.manual_seed(_TINY_SEED + 2)
-        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, _TEXT_DIM))
+        text_encoder = CLIPTextModel(tiny_text_config(tokenizer, _TEXT_DIM))
     pipe = StableDiffusionPipeline(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
@@ -179,10 +180,10 @@ def build_tiny_sdxl_pipeline():
         torch.manual_seed(_SDXL_SEED + 1)
         vae = _tiny_vae(SDXL_VAE_SCALING_FACTOR)
         torch.manual_seed(_SDXL_SEED + 2)
-        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, _SDXL_TEXT_DIMS[0]))
+        text_encoder = CLIPTextModel(tiny_text_config(tokenizer, _SDXL_TEXT_DIMS[0]))
         torch.manual_seed(_SDXL_SEED + 3)
         text_encoder_2 = CLIPTextModelWithProjection(
-            _tiny_text_config(tokenizer, _SDXL_TEXT_DIMS[1], projection_dim=_SDXL_POOLED_DIM)
+            tiny_text_config(tokenizer, _SDXL_TEXT_DIMS[1], projection_dim=_SDXL_POOLED_DIM)
         )
     pipe = StableDiffusionXLPipeline(
         vae=vae.eval(),
