@@ -60,11 +60,11 @@ class DigitsPretrainConfig:
     vae_batch: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 600
+    unet_steps: int = 250
     unet_batch: int = 64
     unet_lr: float = 2e-3
     caption_dropout: float = 0.1  # share of captions replaced by "" (classifier-free guidance)
-    text_aux_weight: float = 0.1  # weight of the digit cross-entropy on the text encoder's pooled output
+    text_aux_weight: float = 0.02  # weight of the digit cross-entropy on the text encoder's pooled output
     checkpoint_every: int = 50  # steps between resumable checkpoints in the work dir
 
     def steps(self, phase: str) -> int:
