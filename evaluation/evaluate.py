@@ -8,7 +8,9 @@ t-interval; the paired win-rate of trained over the baseline (ties, |difference|
 half a win) whose headline interval is the prompt-clustered bootstrap (seeds of one prompt are not
 independent trials), with the Wilson interval beside it; the evaluation protocol and its fingerprint (what
 the champion gate compares); a grid of baseline vs trained samples; from the per-epoch snapshots, a reward
-and win-rate curve; and implicit reward accuracy on the held-out pairs of the heldout stage.
+and win-rate curve; and implicit reward accuracy on the held-out pairs of the heldout stage. When every prompt
+names a digit (the built-in ``digits`` model), also the digit accuracy of both models and a sample grid per
+digit (``evaluation.digits``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.digits import (DIGIT_SCORER, accuracy_rows, digit_accuracy, digit_sample_grid, per_digit_rows,
+                               predicted_digits, prompted_digits)
 from evaluation.grid import base_vs_trained_grid, save_png_atomic
 from evaluation.stats import mean_ci, win_rate_summary
 from prefdiff.config import Params
@@ -36,6 +40,7 @@ from prefdiff.prompts import get_prompt_set
 _SNAPSHOT = re.compile(r"epoch-(\d+)")
 # Keys of metrics/eval.json that describe the evaluation rather than measure it (never logged as metrics).
 DESCRIPTIVE_KEYS = frozenset({"protocol"})
+DIGIT_GRID = "digits.png"  # under eval/: one row per digit, baseline then trained samples
 
 
 @dataclass
@@ -69,7 +74,7 @@ def build_scorers(params: Params, progress: Callable[[str], None]) -> tuple[dict
 
     ep = params.evaluate
     primary = params.eval_judge
-    args = {primary: params.label.judge_args if primary == params.label.judge else {}, **ep.scorer_args}
+    args = scorer_args(params)
     scorers: dict[str, Any] = {}
     skipped: list[tuple[str, str]] = []
     for name in [primary] + [s for s in ep.scorers if s != primary]:
@@ -83,6 +88,28 @@ def build_scorers(params: Params, progress: Callable[[str], None]) -> tuple[dict
             continue
         scorers[name] = judge_scorer(name, kwargs, params.label.jpeg_quality)
     return scorers, skipped
+
+
+def scorer_args(params: Params) -> dict[str, dict[str, Any]]:
+    """{scorer: constructor arguments}: ``evaluate.scorer_args``, and ``label.judge_args`` for the primary judge
+    when it is the label judge (unless ``evaluate.scorer_args`` names it)."""
+    primary = params.eval_judge
+    return {primary: params.label.judge_args if primary == params.label.judge else {}, **params.evaluate.scorer_args}
+
+
+def digit_classifier(params: Params, scorers: dict[str, Any]) -> tuple[Any | None, str]:
+    """(the ``digit_alignment`` scorer whose classifier reads the digit of a sample, "") - the evaluation's own
+    when it scores with it, else one built from ``evaluate.scorer_args`` - or (None, why it cannot run here)."""
+    from prefdiff.labeling.pairs import judge_scorer
+    from prefdiff.scorers import available
+
+    if DIGIT_SCORER in scorers:
+        return scorers[DIGIT_SCORER], ""
+    kwargs = dict(scorer_args(params).get(DIGIT_SCORER, {}))
+    ok, reason = available(DIGIT_SCORER, **kwargs)
+    if not ok:
+        return None, f"digit accuracy needs the {DIGIT_SCORER} classifier: {reason}"
+    return judge_scorer(DIGIT_SCORER, kwargs, params.label.jpeg_quality), ""
 
 
 def evaluation_protocol(params: Params, prompts: list[str], seeds: list[int], judge) -> dict[str, Any]:
@@ -144,6 +171,13 @@ def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
     ep = params.evaluate
     prompts, seeds = eval_prompts_and_seeds(params, paths.root)
     scorers, skipped = build_scorers(params, progress)
+    prompted = prompted_digits(prompts)
+    classifier = None
+    if prompted is not None:
+        classifier, reason = digit_classifier(params, scorers)
+        if classifier is None:
+            skipped.append(("digit_accuracy", reason))
+            progress(f"skipping digit accuracy: {reason}")
     primary = params.eval_judge
     cfg = SamplingConfig(**params.sampling.model_dump())
     pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
@@ -182,15 +216,28 @@ def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
     metrics["skipped_scorers"] = {name: reason for name, reason in skipped}
     if ep.implicit_accuracy:
         metrics["implicit"] = implicit_metrics(params, paths, pipe, trained_dir, progress)
+    digit_grid = None
+    if classifier is not None:
+        base_pred = predicted_digits(classifier.digit_probabilities(base_images))
+        trained_pred = predicted_digits(classifier.digit_probabilities(trained_images))
+        metrics["digit_accuracy"] = digit_accuracy(prompted, base_pred, trained_pred, prompts,
+                                                   n_boot=ep.bootstrap_samples, seed=ep.seed)
+        digit_grid = digit_sample_grid(base_images, trained_images, prompted, base_pred, trained_pred,
+                                       _grid_columns(len(prompts), len(prompts), ep.seeds_per_prompt),
+                                       per_digit=ep.grid_columns, baseline=metrics["baseline"])
     _write_outputs(paths, prompts, seeds, base, trained, curve, metrics)
     captions = [f"{p} #{s}" for p, s in zip(prompts, seeds)]
     cols = _grid_columns(len(prompts), ep.grid_columns, ep.seeds_per_prompt)
     save_png_atomic(base_vs_trained_grid([base_images[i] for i in cols], [trained_images[i] for i in cols],
                                          [captions[i] for i in cols]), paths.eval_dir / "grid.png")
+    if digit_grid is not None:
+        save_png_atomic(digit_grid, paths.eval_dir / DIGIT_GRID)
+    else:  # a stale grid of an earlier digit evaluation must not pass for this one's
+        (paths.eval_dir / DIGIT_GRID).unlink(missing_ok=True)
     if ep.report:
         write_report(paths.eval_dir / "report.html", params, metrics, skipped,
                      [(prompts[i], seeds[i], base_images[i], trained_images[i], base[primary][i], trained[primary][i])
-                      for i in cols])
+                      for i in cols], digit_grid=digit_grid)
     return EvalResult(metrics=metrics, curve=curve)
 
 
@@ -253,10 +300,26 @@ def report_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(out: Path, params: Params, metrics: dict[str, Any], skipped, image_pairs) -> Path:
-    from evaluation.report import render_report
+def write_report(out: Path, params: Params, metrics: dict[str, Any], skipped, image_pairs, *,
+                 digit_grid=None) -> Path:
+    """eval/report.html; with a digit evaluation (``metrics["digit_accuracy"]``) also its accuracy tables and
+    ``digit_grid`` (:func:`evaluation.digits.digit_sample_grid`)."""
+    from evaluation.report import Figure, render_report
 
-    extra: dict[str, Any] = {
+    extra: dict[str, Any] = {}
+    if "digit_accuracy" in metrics:
+        block, baseline = metrics["digit_accuracy"], metrics["baseline"]
+        extra["Digit accuracy"] = accuracy_rows(block, baseline)
+        extra["Digit accuracy per digit"] = per_digit_rows(block, baseline)
+        extra["Digit accuracy: how it is measured"] = (
+            f"A sample is correct when the {DIGIT_SCORER} classifier's most probable digit is the one its prompt "
+            "names. ci: 95% prompt-clustered bootstrap; ci_wilson: Wilson, treating every sample as independent.")
+    if digit_grid is not None:
+        extra["Samples per digit"] = Figure(digit_grid, f"One row per digit: {metrics['baseline']} samples (left of "
+                                            "the divider), then the trained samples of the same seeds; under each "
+                                            "image the digit the classifier reads (green: the prompted digit, red: "
+                                            "another).")
+    extra |= {
         "Win-rate intervals": "win_rate_ci: 95% prompt-clustered bootstrap (whole prompts resampled: the seeds of "
                               "one prompt are not independent trials); win_rate_ci_wilson: Wilson, treating every "
                               "sample as independent (optimistic when a prompt has several seeds).",

@@ -2,10 +2,11 @@
 
 Layout (all in pixels, white background):
 ``x0`` = row-label column width (0 without row labels), ``y0`` = column-label band height
-(0 without column labels). Tile (r, c) has its top-left corner at
-``(x0 + pad + c*(w + pad), y0 + pad + r*(h + pad))``; the canvas is
-``(x0 + pad + cols*(w + pad), y0 + pad + rows*(h + pad))``. Column labels are word-wrapped
-to the tile width; row labels are drawn on one line and set the column width.
+(0 without column labels), ``th`` = tile-label band height under each tile (0 without tile labels),
+``dx(c)`` = ``DIVIDER_W`` for columns at or right of a divider, else 0 (``dw = DIVIDER_W`` with a divider,
+else 0). Tile (r, c) has its top-left corner at ``(x0 + pad + c*(w + pad) + dx(c), y0 + pad + r*(h + th + pad))``;
+the canvas is ``(x0 + pad + cols*(w + pad) + dw, y0 + pad + rows*(h + th + pad))``. Column labels are
+word-wrapped to the tile width; row labels and tile labels are drawn on one line; row labels set the column width.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["image_grid", "base_vs_trained_grid", "save_png_atomic"]
+__all__ = ["DIVIDER_W", "image_grid", "base_vs_trained_grid", "paired_rows_grid", "save_png_atomic"]
 
 _BG = (255, 255, 255)
 _FG = (0, 0, 0)
+_DIVIDER_FG = (96, 96, 96)
+DIVIDER_W = 8  # px between the two sides of a divided grid; a 2 px grey line in its middle
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -63,8 +66,13 @@ def image_grid(
     row_labels: list[str] | None = None,
     col_labels: list[str] | None = None,
     pad: int = 2,
+    tile_labels: list[list[str]] | None = None,
+    tile_label_colors: list[list[tuple[int, int, int]]] | None = None,
+    divider_at: int | None = None,
 ) -> Image.Image:
-    """Paste equal-size images into an RGB grid, optionally with row/column labels (see module doc)."""
+    """Paste equal-size images into an RGB grid, optionally with row/column labels, one label under each tile
+    (``tile_labels[r][c]``, black or ``tile_label_colors[r][c]``) and a vertical divider left of column
+    ``divider_at`` (see module doc)."""
     if not rows or not rows[0]:
         raise ValueError("rows: empty; need at least one row with one image")
     n_cols = len(rows[0])
@@ -82,25 +90,44 @@ def image_grid(
         raise ValueError(f"col_labels: has {len(col_labels)} labels but there are {n_cols} columns")
     if pad < 0:
         raise ValueError(f"pad={pad!r}: must be >= 0")
+    if tile_labels is not None and [len(r) for r in tile_labels] != [len(r) for r in rows]:
+        raise ValueError(f"tile_labels: shape {[len(r) for r in tile_labels]} (labels per row) differs from the "
+                         f"images' {[len(r) for r in rows]}; give one label per image")
+    if tile_label_colors is not None and (tile_labels is None
+                                          or [len(r) for r in tile_label_colors] != [len(r) for r in rows]):
+        raise ValueError("tile_label_colors: give tile_labels and one colour per tile label")
+    if divider_at is not None and not 0 < divider_at < n_cols:
+        raise ValueError(f"divider_at={divider_at!r}: must be a column index in 1..{n_cols - 1} (a divider between "
+                         "two columns)")
 
     font = _font()
     lh = _line_h(font)
     x0 = (max(_text_w(font, s) for s in row_labels) + 2 * pad) if row_labels else 0
     wrapped = [_wrap(font, s, w) for s in col_labels] if col_labels else []
     y0 = (max(len(ls) for ls in wrapped) * lh + pad) if col_labels else 0
+    th = lh if tile_labels is not None else 0
+    dw = DIVIDER_W if divider_at is not None else 0
 
-    canvas = Image.new("RGB", (x0 + pad + n_cols * (w + pad), y0 + pad + len(rows) * (h + pad)), _BG)
+    def tile_x(c: int) -> int:
+        return x0 + pad + c * (w + pad) + (dw if divider_at is not None and c >= divider_at else 0)
+
+    canvas = Image.new("RGB", (x0 + pad + n_cols * (w + pad) + dw, y0 + pad + len(rows) * (h + th + pad)), _BG)
     draw = ImageDraw.Draw(canvas)
     for r, row in enumerate(rows):
-        y = y0 + pad + r * (h + pad)
+        y = y0 + pad + r * (h + th + pad)
         for c, im in enumerate(row):
-            canvas.paste(im.convert("RGB"), (x0 + pad + c * (w + pad), y))
+            canvas.paste(im.convert("RGB"), (tile_x(c), y))
+            if tile_labels is not None:
+                fill = tile_label_colors[r][c] if tile_label_colors is not None else _FG
+                draw.text((tile_x(c), y + h), tile_labels[r][c], fill=fill, font=font)
         if row_labels:
             draw.text((pad, y + max(0, (h - lh) // 2)), row_labels[r], fill=_FG, font=font)
     for c, lines in enumerate(wrapped):
-        x = x0 + pad + c * (w + pad)
         for i, line in enumerate(lines):
-            draw.text((x, pad + i * lh), line, fill=_FG, font=font)
+            draw.text((tile_x(c), pad + i * lh), line, fill=_FG, font=font)
+    if divider_at is not None:
+        line_x = tile_x(divider_at) - (pad + dw) // 2 - 1  # centred in the pad + dw gap left of column divider_at
+        draw.rectangle((line_x, y0, line_x + 1, canvas.size[1] - 1), fill=_DIVIDER_FG)
     return canvas
 
 
@@ -114,6 +141,40 @@ def base_vs_trained_grid(
             f"captions has {len(captions)}; all must be equal"
         )
     return image_grid([list(base), list(trained)], row_labels=["base", "trained"], col_labels=list(captions))
+
+
+def paired_rows_grid(
+    base_rows: list[list[Image.Image]],
+    trained_rows: list[list[Image.Image]],
+    *,
+    row_labels: list[str],
+    base_labels: list[list[str]],
+    trained_labels: list[list[str]],
+    base_title: str = "base",
+    trained_title: str = "trained",
+    base_label_colors: list[list[tuple[int, int, int]]] | None = None,
+    trained_label_colors: list[list[tuple[int, int, int]]] | None = None,
+) -> Image.Image:
+    """One row per group (e.g. per digit): its base samples, a divider, then its trained samples (the same
+    seeds in the same order), each tile labelled (in black, or the given colours); the first column of each
+    side is titled."""
+    if not (len(base_rows) == len(trained_rows) == len(row_labels) == len(base_labels) == len(trained_labels)):
+        raise ValueError(f"paired_rows_grid: {len(base_rows)} base rows, {len(trained_rows)} trained rows, "
+                         f"{len(row_labels)} row labels, {len(base_labels)} and {len(trained_labels)} tile-label "
+                         "rows; all must be equal")
+    for r, (b, t) in enumerate(zip(base_rows, trained_rows)):
+        if len(b) != len(t):
+            raise ValueError(f"paired_rows_grid: row {r} has {len(b)} base and {len(t)} trained images; each trained "
+                             "image pairs with the base image of the same seed")
+    side = len(base_rows[0]) if base_rows else 0
+    titles = [base_title] + [""] * (side - 1) + [trained_title] + [""] * (side - 1)
+    colors = None
+    if base_label_colors is not None or trained_label_colors is not None:
+        colors = [list(b) + list(t) for b, t in zip(base_label_colors or [[_FG] * side] * len(base_rows),
+                                                    trained_label_colors or [[_FG] * side] * len(trained_rows))]
+    return image_grid([list(b) + list(t) for b, t in zip(base_rows, trained_rows)], row_labels=list(row_labels),
+                      col_labels=titles, tile_labels=[list(b) + list(t) for b, t in zip(base_labels, trained_labels)],
+                      tile_label_colors=colors, divider_at=side)
 
 
 def save_png_atomic(img: Image.Image, path: str | os.PathLike[str]) -> Path:

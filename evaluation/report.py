@@ -18,6 +18,7 @@ import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from PIL import Image
 
 from prefdiff.data.atomic import atomic_write_text
 
-__all__ = ["format_value", "png_data_uri", "render_report"]
+__all__ = ["Figure", "format_value", "png_data_uri", "render_report"]
 
 # Known metric columns, in display order; any other key of a row follows, in order of first appearance.
 METRIC_COLUMNS = ("metric", "scorer", "base", "trained", "diff", "ci_low", "ci_high", "win_rate", "win_rate_ci",
@@ -53,6 +54,8 @@ figure.pair figcaption { font-size: 0.9em; margin-bottom: 0.4em; max-width: 40em
 .side div { text-align: center; font-size: 0.85em; }
 .side img { display: block; max-width: 320px; height: auto; image-rendering: auto; }
 pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
+figure.figure { margin: 0; } figure.figure img { max-width: 100%; height: auto; }
+figure.figure figcaption { font-size: 0.9em; margin-top: 0.4em; max-width: 60em; }
 </style>
 </head>
 <body>
@@ -102,7 +105,11 @@ pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
 {% for sec in extra %}
 <section class="extra">
 <h2>{{ sec.name }}</h2>
-{% if sec.pre is not none %}<pre>{{ sec.pre }}</pre>{% else %}{{ table(sec.columns, sec.rows) }}{% endif %}
+{% if sec.pre is not none %}<pre>{{ sec.pre }}</pre>
+{%- elif sec.figure is not none %}<figure class="figure"><img src="{{ sec.figure.uri }}" width="{{ sec.figure.width }}"
+ height="{{ sec.figure.height }}" alt="{{ sec.name }}">{% if sec.figure.caption %}
+<figcaption>{{ sec.figure.caption }}</figcaption>{% endif %}</figure>
+{%- else %}{{ table(sec.columns, sec.rows) }}{% endif %}
 </section>
 {% endfor %}
 <section id="params">
@@ -112,6 +119,14 @@ pre { background: #f7f7f7; padding: 0.6em; overflow-x: auto; }
 </body>
 </html>
 """
+
+
+@dataclass(frozen=True)
+class Figure:
+    """An image shown at its own size in an extra section (``image``: a PNG path, PIL image or uint8 array)."""
+
+    image: Any
+    caption: str = ""
 
 
 def format_value(value: Any) -> str:
@@ -206,9 +221,12 @@ def _kv_table(d: Mapping[str, Any]) -> dict:
 
 
 def _extra_section(name: str, data: Any) -> dict:
-    sec = {"name": name, "pre": None, "columns": [], "rows": []}
+    sec = {"name": name, "pre": None, "figure": None, "columns": [], "rows": []}
     if isinstance(data, str):
         sec["pre"] = data
+    elif isinstance(data, Figure):
+        uri, width, height = png_data_uri(data.image)
+        sec["figure"] = {"uri": uri, "width": width, "height": height, "caption": data.caption}
     elif isinstance(data, Mapping):
         sec.update(_kv_table(data))
     elif isinstance(data, Sequence) and all(isinstance(r, Mapping) for r in data):
@@ -216,8 +234,8 @@ def _extra_section(name: str, data: Any) -> dict:
     elif isinstance(data, Sequence) and all(isinstance(r, Sequence) and not isinstance(r, str) for r in data):
         sec["rows"] = [[_cell(v) for v in r] for r in data]
     else:
-        raise TypeError(f"extra_sections[{name!r}]: expected a str, a mapping, a list of mappings or a list of "
-                        f"rows, got {type(data).__name__}")
+        raise TypeError(f"extra_sections[{name!r}]: expected a str, a Figure, a mapping, a list of mappings or a "
+                        f"list of rows, got {type(data).__name__}")
     return sec
 
 
@@ -280,8 +298,9 @@ def render_report(
     * ``image_pairs``: ``(prompt, seed, base, trained, base_score, trained_score)`` (the two scores may be
       left off or None); ``base`` / ``trained`` are a PNG path, a PIL image or a uint8 array. Shown side
       by side, both labelled with the seed.
-    * ``extra_sections``: ``{heading: data}``, data a str (shown preformatted), a mapping (name / value
-      table), a list of mappings (table, columns = union of keys) or a list of row sequences.
+    * ``extra_sections``: ``{heading: data}``, data a str (shown preformatted), a :class:`Figure` (an image
+      with a caption), a mapping (name / value table), a list of mappings (table, columns = union of keys) or
+      a list of row sequences.
     * ``params``: shown as a name / value table, nested mappings flattened to dotted names.
     * ``max_image_side``: downscale images so the longest side is at most this (None = as they are).
     """

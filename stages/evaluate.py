@@ -5,7 +5,7 @@ and ``register.model_name``; reads ``models/trained``, ``data/heldout`` (held-ou
 stage) and ``registry/baseline.json`` (with ``evaluate.baseline: champion``, the champion it names and its
 weights under ``models/baseline``); writes ``metrics/eval.json`` (with the protocol fingerprint),
 ``plots/reward_curve.csv``, ``plots/win_rate.csv``, ``plots/scorers.csv`` and ``eval/`` (grid, per-sample
-scores, report.html).
+scores, report.html; with digit prompts also digits.png, the sample grid per digit).
 """
 
 from __future__ import annotations
@@ -22,17 +22,30 @@ def headline(m: dict) -> str:
             f"/ T {m['ties']}); protocol {m['protocol_fingerprint'][:12]}")
 
 
+def digit_line(block: dict, baseline: str) -> str:
+    """Digit accuracy of both models with their prompt-clustered bootstrap intervals, Wilson beside them."""
+    def one(side: str) -> str:
+        return (f"{block[side]:.3f} [{block[f'{side}_low']:.3f}, {block[f'{side}_high']:.3f}] (Wilson "
+                f"[{block[f'{side}_wilson_low']:.3f}, {block[f'{side}_wilson_high']:.3f}])")
+
+    return (f"digit accuracy {baseline} {one('base')}, trained {one('trained')}, gain {block['gain']:+.3f} "
+            f"[{block['gain_low']:+.3f}, {block['gain_high']:+.3f}] prompt-clustered bootstrap over "
+            f"{block['n_prompts']} prompts, {block['n']} samples")
+
+
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
     import mlflow
 
-    from evaluation.evaluate import evaluate_trained, flat_metrics
+    from evaluation.evaluate import DIGIT_GRID, evaluate_trained, flat_metrics
 
     with tracked("evaluate", params, paths, ("evaluate",)) as log_metrics:
         result = evaluate_trained(params, paths.trained, paths, progress=say)
         m = result.metrics
         say(f"evaluate: {headline(m)}")
+        if "digit_accuracy" in m:
+            say(f"evaluate: {digit_line(m['digit_accuracy'], m['baseline'])}")
         for name, reason in m["skipped_scorers"].items():
             say(f"evaluate: skipped scorer {name}: {reason}")
         log_metrics(flat_metrics(m, "eval/"))  # eval/win_rate, eval/scorers/<name>/win_rate, eval/implicit/...
@@ -40,6 +53,8 @@ def main() -> None:
             log_metrics({"eval_curve/mean_reward": row["mean_reward"], "eval_curve/win_rate": row["win_rate"]},
                         step=int(row["epoch"]))
         mlflow.log_artifact(str(paths.eval_dir / "grid.png"), artifact_path="eval")
+        if (paths.eval_dir / DIGIT_GRID).is_file():
+            mlflow.log_artifact(str(paths.eval_dir / DIGIT_GRID), artifact_path="eval")
         if (paths.eval_dir / "report.html").is_file():
             mlflow.log_artifact(str(paths.eval_dir / "report.html"), artifact_path="eval")
 
