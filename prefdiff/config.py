@@ -161,7 +161,9 @@ class D3POParams(_Section):
 
     beta: float = Field(0.1, gt=0.0)  # DPO temperature
     clip_eps: float = Field(0.1, gt=0.0, lt=1.0)  # ratio pi_theta / pi_ref clipped to [1-eps, 1+eps]
-    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*T) permuted steps
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*W) permuted steps
+    # W: null = all T steps (the official code); N = only the chain's first N steps (the highest-noise ones)
+    timestep_window: int | None = Field(None, ge=1)
 
 
 class DiffusionDPOParams(_Section):
@@ -200,7 +202,8 @@ class DDPOParams(_Section):
 
     clip_range: float = Field(1e-4, gt=0.0, lt=1.0)  # PPO ratio clip
     adv_clip_max: float = Field(5.0, gt=0.0)  # advantages clipped to +-this
-    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*T) permuted steps
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*W) permuted steps
+    timestep_window: int | None = Field(None, ge=1)  # as train.d3po.timestep_window
 
 
 class NoMethodParams(_Section):

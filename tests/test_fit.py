@@ -37,11 +37,13 @@ class PullLoRAUp(Method):
     data = "trajectories"
     metrics = ("loss", "up_mean")
     seen: list[tuple[int, int | None]] = []  # (item, step index) per unit row, in order
+    timestep_window: int | None = None
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.items = len(ctx.preferences.training_pairs())
         self.timestep_fraction = 0.5
+        self.timestep_window = type(self).timestep_window
         self.up = [p for n, p in ctx.model.raw_unet.named_parameters() if "lora_B" in n]
 
     def loss(self, unit):
@@ -104,3 +106,21 @@ def test_batch_seeds_are_a_stable_hash_of_the_integers():
     digest = hashlib.sha256(struct.pack("<3q", 0, 0, -1)).digest()
     assert rng(0, 0, -1).initial_seed() == int.from_bytes(digest[:8], "little") >> 2
     assert rng(0, 1, 2).initial_seed() != rng(0, 2, 1).initial_seed()
+
+
+def test_timestep_window_trains_only_the_chains_first_steps(labeled, tmp_path, monkeypatch):
+    """train.<method>.timestep_window W: each item's steps come from the first W (highest-noise) steps only."""
+    monkeypatch.setitem(catalog.TRAIN_METHODS, "pull", f"{__name__}:PullLoRAUp")
+    monkeypatch.setattr(PullLoRAUp, "seen", [])
+    monkeypatch.setattr(PullLoRAUp, "timestep_window", 2)
+    summary = fit(parse_params(OVERRIDES), trajectories_dir=labeled / "traj", preferences_dir=labeled / "prefs",
+                  out_dir=tmp_path / "trained", checkpoint_dir=tmp_path / "ckpt", progress=lambda _: None)
+    assert summary.metrics()["timestep_window"] == 2 and summary.metrics()["timesteps_per_item"] == 1  # ceil(0.5 x 2)
+    steps = [s for _, s in PullLoRAUp.seen]
+    assert len(steps) == 2 * summary.items and set(steps) == {0, 1}  # both window steps drawn, nothing later
+
+    monkeypatch.setattr(PullLoRAUp, "timestep_window", T + 1)
+    with pytest.raises(ValueError, match=f"train.pull.timestep_window = {T + 1}: the trajectories have only {T} "
+                                         f"steps; allowed: 1..{T} or null"):
+        fit(parse_params(OVERRIDES), trajectories_dir=labeled / "traj", preferences_dir=labeled / "prefs",
+            out_dir=tmp_path / "t2", checkpoint_dir=tmp_path / "c2", progress=lambda _: None)

@@ -107,3 +107,19 @@ def test_previous_round_reference_is_the_adapter_the_round_starts_from(data, tmp
     assert abs(first_step("previous_round")["mean_log_ratio"]) < 1e-5
     # ... but not against the base, which round 1 already moved away from
     assert abs(first_step("base")["mean_log_ratio"]) > 1e-3
+
+
+def test_reference_log_probs_of_the_first_steps_are_the_full_tables_first_columns(data):
+    """D3PO's timestep_window precomputes only the first W steps; the same values as the whole table's columns."""
+    params, store, _ = data
+    pipe = load_pipeline("builtin:tiny-sd")
+    pipe.scheduler.set_timesteps(store.num_steps)
+    chain, _ = store.load_all()
+    embeds = encode_prompts(pipe, [store.prompt_of(i) for i in range(store.num_images)])
+    args = (pipe, chain, store.timesteps, embeds, encode_prompts(pipe, [""]),
+            SamplingConfig(**params.sampling.model_dump()))
+    full = reference_log_probs(*args, eta=1.0, batch_size=5)
+    first = reference_log_probs(*args, eta=1.0, batch_size=5, first_steps=2)
+    # the rows are batched differently (5 (image, step) rows per call), which may change fp32 reduction order
+    assert first.shape == (store.num_images, 2)
+    torch.testing.assert_close(first, full[:, :2], rtol=1e-5, atol=1e-5)

@@ -109,7 +109,8 @@ class Method:
     A subclass declares the data it needs (``data``), what it logs (``metrics``, means over an optimizer
     step's units, "loss" first) and whether the reference is a frozen copy of the starting UNet; its
     constructor loads its ``items`` from the context; ``loss`` returns the loss of one unit with its metrics.
-    ``timestep_fraction`` set (not None) makes it a timestep method (see ``Unit``). ``precompute`` runs once
+    ``timestep_fraction`` set (not None) makes it a timestep method (see ``Unit``); ``timestep_window`` N limits
+    its steps to the chain's first N (None: all of them). ``precompute`` runs once
     before the first update; ``fit`` stores its tensors with every checkpoint and sets ``precomputed`` to
     them (or to those of the checkpoint a run resumes from).
     """
@@ -123,6 +124,7 @@ class Method:
         self.ctx = ctx
         self.items = 0
         self.timestep_fraction: float | None = None
+        self.timestep_window: int | None = None
         self.precomputed: dict[str, torch.Tensor] = {}
 
     def precompute(self) -> dict[str, torch.Tensor]:
@@ -190,7 +192,8 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
                timesteps: tuple[int, int] | None) -> dict[str, float]:
     """Back-propagate every unit of one optimizer step, then step; the means of the method's metrics.
 
-    ``timesteps``: (T, steps trained per item) for a timestep method, else None.
+    ``timesteps``: (W, steps trained per item) for a timestep method, else None: each item trains that many
+    steps of a random permutation of the chain's first W steps (W = T: any step, as the official code).
     """
     units = 1 if timesteps is None else timesteps[1]
     backwards, count = len(plan.micro_batches) * units, 0
@@ -268,9 +271,13 @@ def fit(
     timesteps = None
     extra: dict[str, Any] = {}
     if method.timestep_fraction is not None:
-        steps_total = trajectories.num_steps
-        timesteps = (steps_total, math.ceil(method.timestep_fraction * steps_total))
+        window = trajectories.num_steps if method.timestep_window is None else method.timestep_window
+        if window > trajectories.num_steps:
+            raise ValueError(f"train.{name}.timestep_window = {window}: the trajectories have only "
+                             f"{trajectories.num_steps} steps; allowed: 1..{trajectories.num_steps} or null (all)")
+        timesteps = (window, math.ceil(method.timestep_fraction * window))
         extra["timesteps_per_item"] = timesteps[1]
+        extra["timestep_window"] = window
 
     began = time.time()
     fingerprint = inputs_fingerprint(params, preferences, trajectories)
@@ -286,7 +293,8 @@ def fit(
         curve, start_step = [], 0
         method.precomputed = method.precompute()
 
-    per_item = "" if timesteps is None else f", {timesteps[1]}/{timesteps[0]} timesteps per item"
+    per_item = "" if timesteps is None else f", {timesteps[1]}/{trajectories.num_steps} timesteps per item" + (
+        "" if timesteps[0] == trajectories.num_steps else f" (of the first {timesteps[0]})")
     progress(f"{name}: {method.items} {method.item_name}, {tp.epochs} epochs x {per_epoch} optimizer steps "
              f"({total_steps} total), batch {tp.batch_size} x accumulation {tp.gradient_accumulation_steps}"
              f"{per_item}, lr {model.base_lr:g}" + (f", {method.describe()}" if method.describe() else ""))

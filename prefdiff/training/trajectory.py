@@ -34,12 +34,14 @@ def step_log_probs(unet, scheduler, chain, timesteps, embeds, uncond, rows, step
 
 
 @torch.no_grad()
-def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: float, batch_size: int) -> torch.Tensor:
+def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: float, batch_size: int,
+                        first_steps: int | None = None) -> torch.Tensor:
     """log pi_ref(x_{j+1} | x_j) for every image and step [N, T], with whatever adapter state ``pipe`` is in.
 
     chain [N, T+1, C, H, W] fp32, timesteps [T], embeds a ``Conditioning`` of N rows, uncond of 1 row.
+    ``first_steps`` W: only the chain's first W steps, [N, W] (what a ``timestep_window`` trains on).
     """
-    n, steps = chain.shape[0], chain.shape[1] - 1
+    n, steps = chain.shape[0], (chain.shape[1] - 1 if first_steps is None else first_steps)
     out = torch.empty(n, steps)
     flat = [(i, j) for i in range(n) for j in range(steps)]
     for start in range(0, len(flat), batch_size):

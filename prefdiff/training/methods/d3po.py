@@ -38,20 +38,24 @@ class D3PO(Method):
         self.losers = torch.tensor([row_of[p.loser] for p in pairs])
         self.items = len(pairs)
         self.timestep_fraction = self.options.timestep_fraction
+        self.timestep_window = self.options.timestep_window
 
     def precompute(self) -> dict[str, torch.Tensor]:
-        """log pi_ref [N, T] of every image and step, from the model as the round starts (before any update)."""
+        """log pi_ref [N, W] of every image and trained step (W: the window, else T), from the model as the round
+        starts (before any update)."""
         tp, model, images = self.ctx.params.train, self.ctx.model, self.images
         if tp.finetune == "full":
             reference = "starting UNet"
         else:
             reference = "base UNet (adapters disabled)" if tp.reference == "base" else f"start adapter {tp.init_lora}"
-        self.ctx.progress(f"reference log-probs for {images.chain.shape[0]} images x {images.timesteps.numel()} "
+        steps = images.timesteps.numel() if self.timestep_window is None else self.timestep_window
+        self.ctx.progress(f"reference log-probs for {images.chain.shape[0]} images x {steps} "
                           f"steps from the {reference}")
         sampling = self.ctx.params.sampling
         with model.starting_reference():
             ref_logp = reference_log_probs(model.pipe, images.chain, images.timesteps, images.embeds, images.uncond,
-                                           sampling, eta=sampling.eta, batch_size=64)
+                                           sampling, eta=sampling.eta, batch_size=64,
+                                           first_steps=self.timestep_window)
         return {"ref_logp": ref_logp}
 
     def describe(self) -> str:

@@ -38,6 +38,7 @@ class DDPO(Method):
         self.advantages = per_prompt_advantages(torch.tensor([rewards[i] for i in image_ids]), self.images.prompts)
         self.items = len(image_ids)
         self.timestep_fraction = self.options.timestep_fraction
+        self.timestep_window = self.options.timestep_window
 
     def describe(self) -> str:
         return f"clip_range {self.options.clip_range:g}, adv_clip_max {self.options.adv_clip_max:g}"
