@@ -23,7 +23,7 @@ WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "data/imports", 
 TINY_OVERRIDES = {
     "sample": {"num_prompts": 4, "images_per_group": 2, "groups_per_prompt": 1, "batch_size": 8},
     "sampling": {"num_steps": 4},
-    "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1},
+    "train": {"epochs": 2, "batch_size": 2, "checkpoint_every": 1, "d3po": {"timestep_window": 2}},
     "evaluate": {"num_prompts": 2, "seeds_per_prompt": 2, "batch_size": 4, "grid_columns": 4, "implicit_groups_per_prompt": 1},
 }
 

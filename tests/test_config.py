@@ -14,8 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_shipped_params_are_valid():
     params = load_params(REPO / "params.yaml")
-    assert params.model.source == "builtin:tiny-sd"
-    assert (params.sampling.num_steps, params.sampling.eta, params.sampling.guidance_scale) == (20, 1.0, 5.0)
+    assert params.model.source == "builtin:digits"
+    assert (params.sampling.num_steps, params.sampling.eta, params.sampling.guidance_scale) == (20, 1.0, 2.0)
+    assert (params.sample.prompt_set, params.evaluate.prompt_set, params.label.judge) == (
+        "digits", "digits_heldout", "digit_alignment")
     assert (params.train.d3po.beta, params.train.d3po.clip_eps, params.train.max_grad_norm) == (0.1, 0.1, 1.0)
 
 

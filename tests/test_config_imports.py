@@ -31,7 +31,7 @@ def test_validating_params_imports_no_heavy_module():
     proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["judge"] == "jpeg_compressibility" and out["custom"] == ["pickscore", "hpsv2.1"]
+    assert out["judge"] == "digit_alignment" and out["custom"] == ["pickscore", "hpsv2.1"]
     assert "evaluate.scorers" in out["error"] and "'pick_score'" in out["error"] and "pickscore" in out["error"]
     assert "prefdiff" in out["loaded"] and "pydantic" in out["loaded"]  # the probe saw what it imported
     assert [m for m in HEAVY if m in out["loaded"]] == []

@@ -19,7 +19,8 @@ from prefdiff.prompts import (
     prompt_set_names,
 )
 
-SHIPPED_COUNTS = {"animals45": 45, "animals_heldout": 10, "d3po_unsafe": 14, "d3po_hand": 1}
+SHIPPED_COUNTS = {"animals45": 45, "animals_heldout": 10, "d3po_unsafe": 14, "d3po_hand": 1, "digits": 40,
+                  "digits_heldout": 20}
 
 
 # --- shipped lists -----------------------------------------------------------------------------------
