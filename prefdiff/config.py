@@ -147,6 +147,8 @@ class LabelParams(_Section):
     judge: str = "jpeg_compressibility"
     judge_args: dict[str, Any] = Field(default_factory=dict)  # the scorer's sources/device/dtype/batch_size
     jpeg_quality: int = Field(95, ge=1, le=95)
+    # source judge: judge scores within this of each other are a tie (no preference, not trained on)
+    tie_margin: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     pickapic: PickapicImportParams = PickapicImportParams()
     simulated: SimulatedLabelParams = SimulatedLabelParams()
 

@@ -44,7 +44,7 @@ def main() -> None:
             if lp.source == "simulated":
                 log_metrics(_simulate(store, judge, lp.simulated, paths.preferences))
             else:
-                label_trajectories(store, judge, paths.preferences, progress=say)
+                label_trajectories(store, judge, paths.preferences, tie_margin=lp.tie_margin, progress=say)
         summary = PreferenceStore.open(paths.preferences).summary()
         say(f"label: {summary.num_pairs} pairs, {summary.num_ties} ties (excluded from training), "
             f"mean score margin {summary.mean_margin:.4f}")

@@ -181,3 +181,14 @@ def test_label_trajectories_end_to_end(tmp_path: Path) -> None:
     assert s.mean_margin == pytest.approx(sum(margins) / 6)
     assert json.loads((out / "index.json").read_text())["trajectories"]["index_sha256"] == store.index_sha256()
     prefs.check_trajectories(store)
+
+
+def test_tie_margin_turns_near_equal_judge_scores_into_ties() -> None:
+    groups = [{"group_id": 0, "prompt": "a 7", "image_ids": [0, 1, 2]}]
+    scores = {0: 0.90, 1: 0.95, 2: 0.20}
+    exact = pairs_from_groups(groups, scores)
+    assert [(p.winner, p.loser, p.tie) for p in exact] == [(1, 0, False), (0, 2, False), (1, 2, False)]
+    margin = pairs_from_groups(groups, scores, tie_margin=0.1)  # |0.95 - 0.90| <= 0.1: no preference
+    assert [(p.winner, p.loser, p.tie) for p in margin] == [(0, 1, True), (0, 2, False), (1, 2, False)]
+    with pytest.raises(ValueError, match=r"tie_margin=-0.1: must be a finite number >= 0"):
+        pairs_from_groups(groups, scores, tie_margin=-0.1)

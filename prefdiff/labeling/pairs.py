@@ -41,18 +41,22 @@ def judge_scorer(name: str, args: Mapping[str, Any], jpeg_quality: int) -> Score
 
 
 def pairs_from_groups(
-    groups: list[dict], scores: Mapping[int, float], *, higher_is_better: bool = True
+    groups: list[dict], scores: Mapping[int, float], *, higher_is_better: bool = True, tie_margin: float = 0.0
 ) -> list[PreferencePair]:
     """All C(G,2) pairs per group (itertools.combinations over ``image_ids`` in order).
 
-    The better score wins (higher, unless ``higher_is_better=False``); exactly equal scores give
-    ``tie=True`` with winner/loser the two ids ascending. Scores are stored as given (not negated).
+    The better score wins (higher, unless ``higher_is_better=False``); scores within ``tie_margin`` of each
+    other (``|a - b| <= tie_margin``; 0: exactly equal) give ``tie=True`` with winner/loser the two ids
+    ascending: a judge's near-equal scores are no preference, and ties are not trained on. Scores are stored
+    as given (not negated).
     """
+    if not (math.isfinite(tie_margin) and tie_margin >= 0):
+        raise ValueError(f"tie_margin={tie_margin!r}: must be a finite number >= 0")
     pairs: list[PreferencePair] = []
     for g in groups:
         for a, b in itertools.combinations(g["image_ids"], 2):
             sa, sb = _score(scores, a), _score(scores, b)
-            if sa == sb:
+            if abs(sa - sb) <= tie_margin:
                 win, lose, tie = min(a, b), max(a, b), True
             else:
                 a_better = sa > sb if higher_is_better else sa < sb
@@ -118,12 +122,15 @@ def label_trajectories(
     out_dir: Path,
     *,
     batch_size: int = 64,
+    tie_margin: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Score every final PNG with ``judge`` (:func:`score_trajectories`), build pairs, write the dataset.
+    """Score every final PNG with ``judge`` (:func:`score_trajectories`), build pairs (``tie_margin``: see
+    :func:`pairs_from_groups`), write the dataset.
 
     Returns the index path; the counts are ``PreferenceStore.open(out_dir).summary()``.
     """
     scores = score_trajectories(store, judge, batch_size=batch_size, progress=progress)
-    pairs = pairs_from_groups(store.groups(), scores, higher_is_better=judge.higher_is_better)
+    pairs = pairs_from_groups(store.groups(), scores, higher_is_better=judge.higher_is_better,
+                              tie_margin=tie_margin)
     return write_preferences(Path(out_dir), pairs, judge=judge_metadata(judge), trajectories=store)
