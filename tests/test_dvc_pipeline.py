@@ -63,7 +63,8 @@ def test_repro_runs_six_stages_then_is_a_noop_and_exp_run_reruns_downstream(tiny
     metrics = json.loads((ws / "metrics/eval.json").read_text())
     assert {"win_rate", "win_rate_low", "win_rate_high", "base_mean_reward", "trained_mean_reward"} <= set(metrics)
     judge = metrics["judge"]
-    assert metrics["baseline"] == "base" and set(metrics["scorers"]) == {judge}
+    extra = yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["scorers"]
+    assert metrics["baseline"] == "base" and set(metrics["scorers"]) == {judge, *extra}
     primary = metrics["scorers"][judge]
     assert primary["win_rate"] == metrics["win_rate"]
     # the headline interval is the prompt-clustered bootstrap; Wilson beside it
@@ -176,5 +177,5 @@ def test_train_stage_depends_on_the_chosen_methods_keys_only(tiny_workspace):
     changed = train_status_after(d3po={"beta": 0.2})
     assert "modified:" in changed and "train.d3po" in changed
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]["train"]["params"]["params.yaml"]
-    assert lock["train.d3po"] == {"beta": 0.1, "clip_eps": 0.1, "timestep_fraction": 1.0}
+    assert lock["train.d3po"] == {"beta": 0.1, "clip_eps": 0.1, "timestep_fraction": 1.0, "timestep_window": 2}
     assert not any(key.startswith(("train.ddpo", "train.diffusion_dpo", "train.sft")) for key in lock)

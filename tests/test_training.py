@@ -43,15 +43,21 @@ def _train(data, out, **kw):
     return _fit(*data, out, **kw)
 
 
-def test_reference_log_probs_of_the_base_equal_the_sampling_log_probs(data):
-    """Sampled by the base with the same guidance, so pi_ref(a|s) is the stored sampling log-prob."""
+def _reference_inputs(data) -> tuple[tuple, torch.Tensor]:
+    """(reference_log_probs' positional arguments for every stored image, the stored sampling log-probs)."""
     params, store, _ = data
     pipe = load_pipeline("builtin:tiny-sd")
     pipe.scheduler.set_timesteps(store.num_steps)
     chain, sampled = store.load_all()
     embeds = encode_prompts(pipe, [store.prompt_of(i) for i in range(store.num_images)])
-    ref = reference_log_probs(pipe, chain, store.timesteps, embeds, encode_prompts(pipe, [""]),
-                              SamplingConfig(**params.sampling.model_dump()), eta=1.0, batch_size=5)
+    return (pipe, chain, store.timesteps, embeds, encode_prompts(pipe, [""]),
+            SamplingConfig(**params.sampling.model_dump())), sampled
+
+
+def test_reference_log_probs_of_the_base_equal_the_sampling_log_probs(data):
+    """Sampled by the base with the same guidance, so pi_ref(a|s) is the stored sampling log-prob."""
+    args, sampled = _reference_inputs(data)
+    ref = reference_log_probs(*args, eta=1.0, batch_size=5)
     torch.testing.assert_close(ref, sampled, rtol=0, atol=1e-4)
 
 
@@ -111,15 +117,9 @@ def test_previous_round_reference_is_the_adapter_the_round_starts_from(data, tmp
 
 def test_reference_log_probs_of_the_first_steps_are_the_full_tables_first_columns(data):
     """D3PO's timestep_window precomputes only the first W steps; the same values as the whole table's columns."""
-    params, store, _ = data
-    pipe = load_pipeline("builtin:tiny-sd")
-    pipe.scheduler.set_timesteps(store.num_steps)
-    chain, _ = store.load_all()
-    embeds = encode_prompts(pipe, [store.prompt_of(i) for i in range(store.num_images)])
-    args = (pipe, chain, store.timesteps, embeds, encode_prompts(pipe, [""]),
-            SamplingConfig(**params.sampling.model_dump()))
+    args, _ = _reference_inputs(data)
     full = reference_log_probs(*args, eta=1.0, batch_size=5)
     first = reference_log_probs(*args, eta=1.0, batch_size=5, first_steps=2)
     # the rows are batched differently (5 (image, step) rows per call), which may change fp32 reduction order
-    assert first.shape == (store.num_images, 2)
+    assert first.shape == (full.shape[0], 2)
     torch.testing.assert_close(first, full[:, :2], rtol=1e-5, atol=1e-5)
