@@ -450,6 +450,15 @@ class Params(_Section):
                 raise ValueError(_format_errors(err, f"compare.overrides.{method} over train", TrainParams)) from None
         return self
 
+    @model_validator(mode="after")
+    def _timestep_window_fits_the_chain(self) -> Params:
+        window = getattr(self.train.method_params, "timestep_window", None)
+        if window is not None and window > self.sampling.num_steps:
+            raise ValueError(f"train.{self.train.method}.timestep_window = {window}: larger than "
+                             f"sampling.num_steps = {self.sampling.num_steps}; allowed: 1..{self.sampling.num_steps} "
+                             "or null (all steps)")
+        return self
+
     def train_for(self, method: str) -> TrainParams:
         """The train section of ``make compare``'s experiment for ``method``: ``compare.overrides[method]``
         deep-merged over ``train`` with ``method`` set (what its ``dvc exp run -S`` values give)."""

@@ -179,3 +179,10 @@ def test_registered_model_name_defaults_to_the_method():
     assert parse_params({"register": {"model_name": "mine"}}).register.registered_name("sft") == "mine"
     with pytest.raises(ParamsError, match="register.min_win_rate_low"):
         parse_params({"register": {"min_win_rate_low": 1.5}})
+
+
+def test_a_timestep_window_longer_than_the_chain_is_refused_up_front():
+    with pytest.raises(ParamsError, match=r"train.d3po.timestep_window = 30: larger than sampling.num_steps = 20; "
+                                          r"allowed: 1..20 or null"):
+        parse_params({"train": {"d3po": {"timestep_window": 30}}})
+    assert parse_params({"train": {"d3po": {"timestep_window": 20}}}).train.d3po.timestep_window == 20
