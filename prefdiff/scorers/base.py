@@ -498,6 +498,19 @@ class Scorer:
         return self
 
 
+
+class WeightlessScorer(Scorer):
+    """A scorer computed from the pixels alone (JPEG size, ink coverage): nothing to load or inject."""
+
+    def _load(self) -> None:
+        pass
+
+    @classmethod
+    def from_components(cls, **kw: Any) -> "WeightlessScorer":
+        """No components to inject; for interface uniformity."""
+        return cls(**kw)._mark_loaded()
+
+
 def scores_as_decimals(scores: torch.Tensor) -> list[float]:
     """Each float32 score as the float64 of its shortest decimal repr (``str(np.float32(s))``), for storing.
 

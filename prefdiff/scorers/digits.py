@@ -27,7 +27,7 @@ from PIL import Image
 from torch import nn
 
 from prefdiff.prompts import prompted_digit
-from prefdiff.scorers.base import Requirement, Scorer
+from prefdiff.scorers.base import Requirement, Scorer, WeightlessScorer
 
 DIGIT_CLASSIFIER = Path(__file__).resolve().parent / "assets" / "digit_classifier.safetensors"
 GRID = 8  # scikit-learn digits are 8x8 with ink levels 0..16
@@ -120,7 +120,7 @@ def ink_coverage_percent(images: list[Image.Image]) -> torch.Tensor:
                          for im in images], dtype=torch.float64)
 
 
-class StrokeScorer(Scorer):
+class StrokeScorer(WeightlessScorer):
     """``sign`` x ink coverage in percent: ``stroke_bold`` (+1) prefers bolder strokes, ``stroke_thin`` (-1) thinner."""
 
     needs_prompt = False
@@ -130,14 +130,6 @@ class StrokeScorer(Scorer):
         super().__init__(**kw)
         self.name = name
         self.sign = float(sign)
-
-    def _load(self) -> None:
-        pass
-
-    @classmethod
-    def from_components(cls, **kw: Any) -> "StrokeScorer":
-        """No components to inject (no weights); for interface uniformity."""
-        return cls(**kw)._mark_loaded()
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str] | None) -> torch.Tensor:
         return self.sign * ink_coverage_percent(images)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from prefdiff.scorers.base import Scorer
+from prefdiff.scorers.base import WeightlessScorer
 
 # float32 spacing reaches 2**-10 kB (< 0.001) just below 2**14 kB and 2**-9 (> 0.001) above it.
 MAX_EXACT_KB = 2.0**14
@@ -38,7 +38,7 @@ def _check_quality(quality: Any) -> int:
     return quality
 
 
-class JpegSizeScorer(Scorer):
+class JpegSizeScorer(WeightlessScorer):
     """Score = ``sign`` * JPEG size (kB): ``sign=+1`` incompressibility, ``sign=-1`` compressibility."""
 
     needs_prompt = False
@@ -49,14 +49,6 @@ class JpegSizeScorer(Scorer):
         self.name = name
         self.sign = float(sign)
         self.quality = _check_quality(quality)
-
-    def _load(self) -> None:
-        pass
-
-    @classmethod
-    def from_components(cls, **kw: Any) -> "JpegSizeScorer":
-        """No components to inject (no weights); for interface uniformity."""
-        return cls(**kw)._mark_loaded()
 
     def _score_batch(self, images: list[Image.Image], prompts: list[str] | None) -> torch.Tensor:
         sizes = [jpeg_size_kb(im, self.quality) for im in images]
