@@ -213,6 +213,7 @@ def test_label_stage_with_simulated_annotators(tmp_path: Path, monkeypatch, caps
     overrides = {
         "model": {"source": "builtin:tiny-sd", "device": "cpu"},
         "sampling": {"num_steps": 2},
+        "train": {"d3po": {"timestep_window": None}},  # params.yaml's window (5) exceeds these 2 steps
         "sample": {"num_prompts": 2, "groups_per_prompt": 2, "images_per_group": 3, "batch_size": 12},
         "label": {"source": "simulated", "judge": "jpeg_compressibility",
                   "simulated": {"annotators": [{"accuracy": 0.9, "bias": 0.0}, {"accuracy": 0.7, "bias": 1.0}],

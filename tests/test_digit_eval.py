@@ -178,6 +178,7 @@ def _params(tmp_path: Path, prompts: list[str], scorer_args: dict):
     overrides = {
         "model": {"source": "builtin:tiny-sd", "device": "cpu"},
         "sampling": {"num_steps": 2},
+        "train": {"d3po": {"timestep_window": None}},  # params.yaml's window (5) exceeds these 2 steps
         "label": {"source": "judge", "judge": "jpeg_compressibility", "judge_args": {}},
         "evaluate": {"prompt_set": f"file:{tmp_path / 'prompts.txt'}", "num_prompts": None, "seeds_per_prompt": 2,
                      "judge": None, "scorers": [], "scorer_args": scorer_args, "baseline": "base", "batch_size": 8,

@@ -145,7 +145,8 @@ def test_pickapic_source_samples_no_chains(tmp_path, mlflow_uri):
     from prefdiff.data.trajectories import TrajectoryStore
     from tests.pickapic_fixture import default_rows, write_synthetic_pickapic
 
-    ws = make_workspace(tmp_path / "ws", {"label": {"source": "pickapic"}, "sampling": {"num_steps": 4}})
+    ws = make_workspace(tmp_path / "ws", {"label": {"source": "pickapic"}, "sampling": {"num_steps": 4},
+                                               "train": {"d3po": {"timestep_window": None}}})
     write_synthetic_pickapic(ws / "data/imports/part-0.parquet", default_rows())
     out = _dvc(ws, "repro", "label")
     assert [s for s in STAGES if f"Running stage '{s}'" in out] == ["sample", "label"]
