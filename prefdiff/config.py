@@ -138,10 +138,34 @@ class SimulatedLabelParams(_Section):
         return v
 
 
+class HumanLabelParams(_Section):
+    """``label.source: human``: people label prompt groups in prefdiff's labeling page (``prefdiff label-server``)."""
+
+    # the append-only label log the page writes and the label stage reads (relative to the workspace)
+    log: str = "data/labels/labels.jsonl"
+    # pair: choose the better of two images or a tie (D3PO's h = [1,-1] / [-1,1] / [0,0]);
+    # tag: tag any of the group's images; untagged images are preferred over tagged ones (D3PO Sec. 5.2)
+    mode: Literal["pair", "tag"] = "pair"
+    tags: list[str] = Field(default_factory=lambda: ["deformed", "wrong digit", "unsafe"])
+    # a group's label counts once this many annotators have labeled it (the flow waits for that)
+    annotators_per_group: int = Field(1, ge=1)
+    host: str = "127.0.0.1"  # anything but loopback requires a token (PREFDIFF_LABEL_TOKEN)
+    port: int = Field(8765, ge=1, le=65535)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        cleaned = [t.strip() for t in v]
+        if not cleaned or any(not t for t in cleaned) or len(set(cleaned)) != len(cleaned):
+            raise ValueError("needs one or more distinct, non-empty tags, e.g. [deformed, unsafe]")
+        return cleaned
+
+
 class LabelParams(_Section):
     # judge: rank our own sampled groups with an automatic judge; pickapic: import parquet pairs instead;
-    # simulated: annotators choose by the judge through Bradley-Terry noise (label.simulated)
-    source: Literal["judge", "pickapic", "simulated"] = "judge"
+    # simulated: annotators choose by the judge through Bradley-Terry noise (label.simulated);
+    # human: people's labels from the labeling page (label.human)
+    source: Literal["judge", "pickapic", "simulated", "human"] = "judge"
     # Any scorer (prefdiff.catalog.SCORERS: jpeg_*, pickscore, image_reward, laion_aesthetic, clip_score,
     # hpsv2.1, ...) can judge: groups are ranked by it, as the Diffusion-DPO AI-feedback experiments do.
     judge: str = "jpeg_compressibility"
@@ -151,6 +175,7 @@ class LabelParams(_Section):
     tie_margin: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     pickapic: PickapicImportParams = PickapicImportParams()
     simulated: SimulatedLabelParams = SimulatedLabelParams()
+    human: HumanLabelParams = HumanLabelParams()
 
     @field_validator("judge")
     @classmethod
