@@ -26,7 +26,7 @@ that round (the paper's curves are over each epoch's generated samples). Definit
 * **Several annotators, one image, one vote**: an image counts once. Per tag, each annotator of the
   image votes "tagged" or "not tagged" (a later record of the same annotator for the same image
   replaces an earlier one); the image has the tag when more than half of its annotators gave it (the
-  plurality rule of :func:`evaluation.agreement.majority_vote`). An even split (1 of 2 annotators, the
+  plurality rule of :func:`prefdiff.agreement.majority_vote`). An even split (1 of 2 annotators, the
   D3PO annotate + double-check set-up when they disagree) is resolved by ``tie_policy``: ``"tagged"``
   (default: conservative, a disputed image counts as deformed / unsafe) or ``"untagged"``. The
   number of disputed images is reported (``n_split_*``) so the choice can be checked.
@@ -43,7 +43,7 @@ from typing import Literal
 
 from evaluation.stats import wilson_interval
 
-__all__ = ["RoundRates", "TaggedLabel", "rates_per_round", "rates_table"]
+__all__ = ["RoundRates", "TaggedLabel", "rates_per_round", "rates_table", "tag_rates"]
 
 DEFORMED = "deformed"
 UNSAFE = "unsafe"
@@ -174,3 +174,38 @@ def rates_table(per_round: Mapping[int, RoundRates] | Iterable[RoundRates]) -> l
     """One flat dict per round (ascending), for a metrics file or a DVC plot (x = ``round``)."""
     rows = per_round.values() if isinstance(per_round, Mapping) else per_round
     return [r.as_dict() for r in sorted(rows, key=lambda r: r.round)]
+
+
+def tag_rates(labels: Iterable[TaggedLabel], tags: Iterable[str], *, confidence: float = 0.95,
+              tie_policy: Literal["tagged", "untagged"] = "tagged") -> dict[str, float]:
+    """The rates of one round of tagged labels, for the tags the annotators had, as flat metrics.
+
+    ``deformed`` gives the paper's ``normal_rate`` and ``deformity_rate``, ``unsafe`` its ``safe_rate``
+    (each with ``*_low`` / ``*_high``); any other tag (e.g. ``wrong digit``) the share of images carrying it,
+    ``<tag>_rate`` with spaces as underscores, counted by the same per-image vote (:func:`rates_per_round`
+    with that tag in the ``deformed`` role). Plus ``rated_images``. Empty when there is no label.
+    """
+    labels = list(labels)
+    rounds = {lab.round for lab in labels if isinstance(lab, TaggedLabel)}
+    if len(rounds) > 1:
+        raise ValueError(f"labels of rounds {sorted(rounds)}: tag_rates takes one round (see rates_per_round)")
+    wanted = [t.strip().lower() for t in tags]
+    per = rates_per_round(labels, confidence=confidence, tie_policy=tie_policy)
+    if not per:
+        return {}
+    (paper,) = per.values()
+    out: dict[str, float] = {"rated_images": paper.n_images}
+    if DEFORMED in wanted:
+        out |= {"normal_rate": paper.normal_rate, "normal_rate_low": paper.normal_ci[0],
+                "normal_rate_high": paper.normal_ci[1], "deformity_rate": paper.deformity_rate,
+                "deformity_rate_low": paper.deformity_ci[0], "deformity_rate_high": paper.deformity_ci[1]}
+    if UNSAFE in wanted:
+        out |= {"safe_rate": paper.safe_rate, "safe_rate_low": paper.safe_ci[0], "safe_rate_high": paper.safe_ci[1]}
+    for tag in wanted:
+        if tag in (DEFORMED, UNSAFE):
+            continue
+        (rate,) = rates_per_round(labels, confidence=confidence, tie_policy=tie_policy, deformed_tag=tag).values()
+        name = tag.replace(" ", "_")
+        out |= {f"{name}_rate": rate.deformity_rate, f"{name}_rate_low": rate.deformity_ci[0],
+                f"{name}_rate_high": rate.deformity_ci[1]}
+    return out

@@ -30,6 +30,11 @@ class Paths:
         return self.root / "data" / "preferences"
 
     @property
+    def labels(self) -> Path:
+        """People's label logs (``label.human.log`` lives here): git holds the directory, DVC the log."""
+        return self.root / "data" / "labels"
+
+    @property
     def trained(self) -> Path:
         """The trained weights: a diffusers LoRA, or the full UNet under ``unet/``, plus epoch snapshots."""
         return self.root / "models" / "trained"

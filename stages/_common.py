@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from prefdiff.config import Params, ParamsError, load_params
 from prefdiff.paths import Paths
@@ -22,12 +22,17 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def refuse(err: Exception | str) -> NoReturn:
+    """Bad input: its one-line message on stderr and exit status 2, no traceback."""
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def load_or_exit(paths: Paths) -> Params:
     try:
         return load_params(paths.params)
     except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        refuse(err)
 
 
 def flatten(prefix: str, section: dict[str, Any]) -> dict[str, Any]:

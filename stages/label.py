@@ -1,8 +1,8 @@
-"""Stage ``label``: preference pairs, from an automatic judge or simulated annotators over our samples, or
-imported from parquet.
+"""Stage ``label``: preference pairs, from an automatic judge, simulated annotators or people's labels over
+our samples, or imported from parquet.
 
-Reads params ``label``; reads ``data/trajectories`` (judge, simulated) or ``label.pickapic.path``
-(pickapic); writes ``data/preferences``.
+Reads params ``label``; reads ``data/trajectories`` (judge, simulated, human), ``label.human.log`` inside
+``data/labels`` (human) or ``label.pickapic.path`` (pickapic); writes ``data/preferences``.
 """
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, refuse, say, tracked, workspace
 
 if TYPE_CHECKING:
-    from prefdiff.config import SimulatedLabelParams
+    from prefdiff.config import HumanLabelParams, SimulatedLabelParams
     from prefdiff.data.trajectories import TrajectoryStore
+    from prefdiff.labeling.human import HumanPreferences, LabelLog
+    from prefdiff.paths import Paths
     from prefdiff.scorers import Scorer
 
 
@@ -24,8 +26,13 @@ def main() -> None:
     from prefdiff.data.preferences import PreferenceStore
 
     lp = params.label
+    human_log = _human_log(lp.human, paths) if lp.source == "human" else None
     with tracked("label", params, paths, ("label",)) as log_metrics:
-        if lp.source == "pickapic":
+        if human_log is not None:
+            from prefdiff.data.trajectories import TrajectoryStore
+
+            log_metrics(_human(TrajectoryStore.open(paths.trajectories), lp.human, human_log, paths))
+        elif lp.source == "pickapic":
             from prefdiff.data.pickapic import ImportConfig, import_pickapic
 
             pk = lp.pickapic
@@ -74,6 +81,83 @@ def _simulate(store: TrajectoryStore, judge: Scorer, sp: SimulatedLabelParams, o
     say(f"label: {len(annotators)} simulated annotator(s) agree with judge {judge.name} on {overall} of {decided} "
         "pairs it decides; " + "; ".join(parts))
     return metrics
+
+
+def _human_log(hp: HumanLabelParams, paths: Paths) -> Path:
+    """``label.human.log`` as a path; refused unless inside data/labels, the directory dvc.yaml declares as
+    this stage's input (a log elsewhere would change the preferences behind DVC's back)."""
+    log = Path(hp.log) if Path(hp.log).is_absolute() else paths.root / hp.log
+    if not log.resolve().is_relative_to(paths.labels.resolve()):
+        refuse(f"label.human.log {hp.log!r}: must be inside {paths.labels.relative_to(paths.root)}/, the label "
+               "stage's DVC input (e.g. data/labels/labels.jsonl)")
+    return log
+
+
+def _human(store: TrajectoryStore, hp: HumanLabelParams, log_path: Path, paths: Paths) -> dict[str, float]:
+    """People's labels -> the preference dataset (prefdiff.labeling.human.label_from_log); prints one summary
+    line and returns the combination, agreement and (tag mode) rate metrics."""
+    from prefdiff.labeling.human import LabelLogError, label_from_log
+
+    try:
+        prefs, log = label_from_log(store, log_path, paths.preferences, mode=hp.mode, tags=hp.tags,
+                                    annotators_per_group=hp.annotators_per_group)
+    except LabelLogError as err:
+        refuse(err)
+    metrics = _combination_metrics(prefs, log)
+    if prefs.mode == "tag":
+        from evaluation.rates import TaggedLabel, tag_rates
+
+        # the paper's per-image rates over the counted groups; one round = this log
+        metrics |= {f"label/{k}": v for k, v in tag_rates(
+            [TaggedLabel(round=0, image_id=i, tags=t, annotator=a) for a, i, t in prefs.tagged], log.tags).items()}
+    say(_human_summary(prefs, log, metrics))
+    return metrics
+
+
+_KAPPA_METRIC = {"cohen": "label/cohens_kappa", "fleiss": "label/fleiss_kappa"}
+
+
+def _metric_name(annotator: str) -> str:
+    # MLflow metric names allow letters, digits, _ - . / and space; annotator names are free text
+    return "".join(c if c.isalnum() or c in "_-." else "_" for c in annotator)
+
+
+def _combination_metrics(prefs: HumanPreferences, log: LabelLog) -> dict[str, float]:
+    import math
+
+    metrics: dict[str, float] = {
+        "label/effective_labels": len(log.labels), "label/undone_labels": log.num_undone,
+        "label/annotators": len(prefs.annotators), "label/groups_labeled": prefs.groups_labeled,
+        "label/groups_left_out": prefs.groups_left_out, "label/items": prefs.items,
+        "label/ties_dropped": prefs.ties_dropped, "label/splits_dropped": prefs.splits_dropped,
+    }
+    if prefs.kappa is not None and not math.isnan(prefs.kappa):
+        metrics[_KAPPA_METRIC[prefs.kappa_kind]] = prefs.kappa
+    if prefs.kappa_kind is not None:
+        metrics["label/kappa_items"] = prefs.kappa_items
+    for name, share in prefs.majority_agreement.items():
+        if share is not None:
+            metrics[f"label/majority_agreement/{_metric_name(name)}"] = share
+    return metrics
+
+
+def _human_summary(prefs: HumanPreferences, log: LabelLog, metrics: dict[str, float]) -> str:
+    kappa = "no kappa (one annotator)"
+    if prefs.kappa_kind is not None:
+        who = "Cohen's" if prefs.kappa_kind == "cohen" else "Fleiss'"
+        value = f"{prefs.kappa:.3f}" if _KAPPA_METRIC[prefs.kappa_kind] in metrics else "n/a"
+        kappa = f"{who} kappa {value} on {prefs.kappa_items} shared image pairs"
+    agreement = ", ".join(f"{a} {'n/a' if s is None else f'{s:.3f}'} of {prefs.majority_items[a]}"
+                          for a, s in prefs.majority_agreement.items())
+    rates = ", ".join(f"{k.removeprefix('label/')} {v:.3f}" for k, v in metrics.items()
+                      if k.endswith("_rate"))
+    return (f"label: {len(log.labels)} human label(s) ({log.mode} mode, {log.num_undone} undone) by "
+            f"{len(prefs.annotators)} annotator(s) from {log.path.name}"
+            f"{' (its torn last line ignored)' if log.torn_tail else ''}; {prefs.groups_used} of "
+            f"{prefs.groups_labeled} labeled groups counted ({prefs.groups_left_out} left out: fewer than "
+            f"{prefs.annotators_per_group} annotator(s)); {prefs.items} image pairs judged -> {len(prefs.pairs)} "
+            f"pairs, {prefs.ties_dropped} ties and {prefs.splits_dropped} even splits dropped (plurality vote); "
+            f"{kappa}; agreement with the majority: {agreement or 'n/a'}" + (f"; rates: {rates}" if rates else ""))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.agreement import cohens_kappa, fleiss_kappa, fleiss_kappa_from_labels, label_counts, majority_vote
+from prefdiff.agreement import cohens_kappa, fleiss_kappa, fleiss_kappa_from_labels, label_counts, majority_vote
 
 # Fleiss (1971) / Wikipedia "Fleiss' kappa" worked example: 10 items, 14 raters, 5 categories.
 # column totals (20, 28, 39, 21, 32) -> p_j = (0.143, 0.200, 0.279, 0.150, 0.229),

@@ -15,6 +15,10 @@ Pure numpy; nothing is fitted. Formulas:
   ratings. With two raters it equals Scott's π (pooled marginals), not Cohen's κ.
 
 Both return ``nan`` when chance agreement is 1 (every rating in one category): κ is 0/0 there.
+
+Pure math with no project imports, so it sits in the bottom layer: the label stage's combination of
+several people (:mod:`prefdiff.labeling.human`, below the evaluation suite) and the evaluation suite both
+use it.
 """
 
 from __future__ import annotations
