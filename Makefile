@@ -3,6 +3,7 @@
 # make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data, each a DVC
 #              experiment (compare-<method>); one table
 # make test  - the test suite
+# make label-server - the labeling page for people (label.human; ARGS="--mode tag --annotators alice,bob")
 # Both create or update the virtual environment .venv first, from the pinned requirements.lock.
 
 SHELL := /bin/bash
@@ -19,7 +20,7 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install repro compare serve mlflow-ui clean
+.PHONY: run test install repro compare serve label-server mlflow-ui clean
 
 install: $(STAMP)
 
@@ -52,6 +53,10 @@ compare: $(STAMP)
 # A long-lived process that runs the round on its cron schedule (flows/deploy.py).
 serve: $(STAMP)
 	$(PY) -m flows.deploy
+
+# The labeling page on label.human.host:port (127.0.0.1:8765) for data/trajectories; labels go to label.human.log.
+label-server: $(STAMP)
+	$(PY) -m prefdiff.labeling.server $(ARGS)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
