@@ -20,7 +20,7 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install repro compare serve label-server mlflow-ui clean
+.PHONY: run test install repro compare serve human-round label-server mlflow-ui clean
 
 install: $(STAMP)
 
@@ -50,13 +50,18 @@ repro: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m flows.compare
 
-# A long-lived process that runs the round on its cron schedule (flows/deploy.py).
+# A long-lived process that runs the round on its cron schedule and human rounds on demand (flows/deploy.py).
 serve: $(STAMP)
 	$(PY) -m flows.deploy
 
 # The labeling page on label.human.host:port (127.0.0.1:8765) for data/trajectories; labels go to label.human.log.
 label-server: $(STAMP)
 	$(PY) -m prefdiff.labeling.server $(ARGS)
+
+# A human-in-the-loop round (flows/human.py): sample, start the labeling page, wait for labels, then train.
+# Resume it with done: `python -m flows.human resume <flow-run-id>` (the command, with its API, is in its log).
+human-round: $(STAMP)
+	$(PY) -m flows.human --serve-labels
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -418,14 +419,18 @@ def _mark_failed(repo: str, run_id: str, stage: str | None, err: BaseException,
         _logger().warning(f"could not mark MLflow run {run_id} as failed: {exc}")
 
 
-@flow(name="preference-round", log_prints=True,
-      description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), "
-                  "tracked in MLflow.")
-def preference_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
-    """Run the pipeline's DVC stages (default: all six, in order) in ``repo`` (default: this repo),
-    each as a task, all logging into one new MLflow run (the baseline resolved before evaluate); then log
-    the final metrics, lineage and artifacts from files.
-    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
+# Called before a stage runs, inside the flow run, with (stage, repo, MLflow parent run id); the human round
+# waits there for people's labels before "label". What it raises fails the round without blaming a stage.
+BeforeStage = Callable[[str, str, str], None]
+
+
+def run_round(repo: str | None, stages: list[str] | None, run_name: str | None, *, run_name_prefix: str = "round",
+              before_stage: BeforeStage | None = None) -> dict:
+    """The body of a round flow (call it inside a flow run): validate params, open the MLflow parent run,
+    run the DVC stages ``stages`` (default all six) in ``repo`` (default this repo) as tasks, the baseline
+    resolved before evaluate and ``before_stage`` called before each stage; then log metrics, lineage and
+    artifacts from files and print the summary. Any error ends the MLflow run FAILED (naming the stage
+    when one failed) and is re-raised. Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
     root = Path(repo).resolve() if repo else REPO_ROOT
     repo_s = str(root)
     params = load_params(Paths(root).params)  # fail fast, naming the key, before anything heavy
@@ -435,18 +440,20 @@ def preference_round(repo: str | None = None, stages: list[str] | None = None, r
 
     if run_name is None:
         _, flow_run_name = _flow_run_info()
-        run_name = f"round-{flow_run_name}" if flow_run_name else None
+        run_name = f"{run_name_prefix}-{flow_run_name}" if flow_run_name else None
     run_id = open_parent_run(repo_s, params.register.experiment, run_name)
 
     results: list[dict[str, Any]] = []
     current: str | None = None
     try:
         for stage in todo:
+            if before_stage is not None:
+                before_stage(stage, repo_s, run_id)
             current = stage
             if stage == "evaluate":
                 resolve_baseline(repo_s)
             results.append(run_stage(stage, repo_s, run_id))
-        current = None
+            current = None
         result = log_round(repo_s, run_id, results)
     except BaseException as err:
         _mark_failed(repo_s, run_id, current, err, results)
@@ -457,6 +464,17 @@ def preference_round(repo: str | None = None, stages: list[str] | None = None, r
 
     print(summarize(result, tracking_uri(root), params.register.experiment))
     return result
+
+
+@flow(name="preference-round", log_prints=True,
+      description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), "
+                  "tracked in MLflow.")
+def preference_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
+    """Run the pipeline's DVC stages (default: all six, in order) in ``repo`` (default: this repo),
+    each as a task, all logging into one new MLflow run (the baseline resolved before evaluate); then log
+    the final metrics, lineage and artifacts from files.
+    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
+    return run_round(repo, stages, run_name)
 
 
 def main() -> int:

@@ -1,0 +1,482 @@
+"""The human-in-the-loop round (flows/human.py) and the deployments (flows/deploy.py, prefect.yaml).
+
+Real Prefect flow runs under the session's ``prefect_test_harness`` in one module-scoped tiny DVC
+workspace (``make_workspace`` with ``TINY_OVERRIDES``, two annotators per group). The first round runs
+sample -> [paused] -> label -> train for real and is resumed by its label watcher when a test thread,
+playing the labeling server, has appended every group's labels to the label log in the contract's format;
+the later rounds reuse the workspace (DVC skips the unchanged stages) for the operator's resume, resuming
+twice, done = false and the timeout, so they cost seconds. ~1.5 min on 2 idle CPU cores (78 s
+measured; 3-4 min while other jobs loaded the machine).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+import yaml
+from conftest import REPO, TINY_OVERRIDES, isolated_mlflow, make_workspace
+
+from flows.human import (
+    FLOW_NAME,
+    LabelingStopped,
+    LabelingTimeout,
+    LabelLogError,
+    check_wait,
+    human_round,
+    label_progress,
+    parse_args,
+    resume,
+)
+from prefdiff.config import merged
+from prefdiff.paths import Paths
+
+ANNOTATORS_PER_GROUP = 2
+OVERRIDES = merged(TINY_OVERRIDES, {"label": {"human": {"annotators_per_group": ANNOTATORS_PER_GROUP}}})
+LOG = "data/labels/labels.jsonl"  # params.yaml label.human.log
+EXPERIMENT = "prefdiff"
+
+
+# --------------------------------------------------------------------------------------------------
+# The label log, as the labeling server writes it (RULES / README contract)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelLog:
+    path: Path
+    sha: str
+    groups: list[dict]
+    seq: int = 0
+    lines: list[dict] = field(default_factory=list)
+
+    def header(self) -> LabelLog:
+        self._append({"kind": "header", "schema": 1, "trajectories": "data/trajectories",
+                      "dataset_sha256": self.sha, "mode": "pair", "tags": ["deformed"]})
+        return self
+
+    def label(self, annotator: str, group: dict) -> int:
+        self.seq += 1
+        self._append({"kind": "label", "seq": self.seq, "time": _now(), "annotator": annotator,
+                      "dataset_sha256": self.sha, "group_id": group["group_id"], "mode": "pair",
+                      "image_ids": group["image_ids"][:2], "choice": "first"})
+        return self.seq
+
+    def undo(self, annotator: str, seq: int) -> None:
+        self.seq += 1
+        self._append({"kind": "undo", "seq": self.seq, "time": _now(), "annotator": annotator, "undoes": seq})
+
+    def _append(self, record: dict) -> None:  # append-only, fsync'd, as the server acknowledges
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _new_log(ws: Path) -> LabelLog:
+    from prefdiff.data.trajectories import TrajectoryStore
+
+    store = TrajectoryStore.open(Paths(ws).trajectories, verify=False)
+    (ws / LOG).unlink(missing_ok=True)
+    return LabelLog(ws / LOG, store.index_sha256(), store.groups()).header()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prefect helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)
+
+
+def _latest_run():
+    """The human round's most recent flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+
+
+def _wait_paused(timeout: float = 240.0):
+    """The id of the human round's flow run that is Paused (waiting for labels), once there is one."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            if runs:
+                return runs[0].id
+            time.sleep(0.5)
+    raise TimeoutError("the human round never paused")
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    """Run ``fn`` beside the flow (in this context: the harness's Prefect settings); its result or error."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised by the test
+            out["error"] = err
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _joined(thread: threading.Thread, out: dict):
+    thread.join(timeout=60)
+    if "error" in out:
+        raise out["error"]
+    return out.get("result")
+
+
+def _flow_run_logs(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(
+            LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200)]
+
+
+def _mlflow_run(uri: str, name: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end: paused, resumed by the watcher, trained
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AutoRound:
+    ws: Path
+    uri: str
+    state: object
+    annotators: dict
+    log_bytes: bytes
+
+
+@pytest.fixture(scope="module")
+def auto_round(prefect_harness, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("human")
+    with isolated_mlflow(f"sqlite:///{tmp}/mlflow.db") as uri:
+        ws = make_workspace(tmp / "ws", OVERRIDES)
+
+        def annotators() -> dict:
+            flow_run_id = _wait_paused()
+            log = _new_log(ws)
+            first, last = log.groups[:-1], log.groups[-1]
+            for group in first:
+                log.label("alice", group)
+                log.label("bob", group)
+            log.label("alice", last)
+            log.undo("bob", log.label("bob", last))  # bob takes his label back: the last group is one short
+            time.sleep(4)  # four watcher polls
+            state_while_short = _flow_run(flow_run_id).state.type
+            done_at = time.time()
+            log.label("bob", last)
+            return {"flow_run_id": flow_run_id, "state_while_short": state_while_short, "done_at": done_at}
+
+        thread, out = _in_thread(annotators)
+        state = human_round(repo=str(ws), stages=["sample", "label", "train"], timeout_seconds=300, poll_seconds=1,
+                            run_name="human-1", return_state=True)
+        yield AutoRound(ws=ws, uri=uri, state=state, annotators=_joined(thread, out), log_bytes=(ws / LOG).read_bytes())
+
+
+def test_paused_round_resumes_when_every_group_is_labeled_and_trains(auto_round):
+    from prefect.client.schemas.objects import StateType
+
+    state, paths = auto_round.state, Paths(auto_round.ws)
+    assert state.is_completed(), f"flow ended {state.type}: {state.message}"
+    result = state.result()
+    assert auto_round.annotators["flow_run_id"] == state.state_details.flow_run_id
+    assert auto_round.annotators["state_while_short"] == StateType.PAUSED, "resumed before every group was labeled"
+    n_groups = TINY_OVERRIDES["sample"]["num_prompts"]
+    assert result["labeling"] == {"resumed_by": "automatic", "labeled": n_groups, "total": n_groups,
+                                  "note": f"automatic: {n_groups}/{n_groups} groups labeled by 2 annotator(s) each "
+                                          f"({2 * n_groups} labels by alice, bob) in {auto_round.ws / LOG}"}
+    assert result["stages"] == {"sample": True, "label": True, "train": True}
+    assert (paths.trained / "pytorch_lora_weights.safetensors").is_file()
+    # sampled before the wait, labeled and trained after it
+    assert (paths.trajectories / "index.json").stat().st_mtime < auto_round.annotators["done_at"]
+    assert (paths.preferences / "index.json").stat().st_mtime > auto_round.annotators["done_at"]
+    assert (auto_round.ws / LOG).read_bytes() == auto_round.log_bytes, "the flow must never write the label log"
+
+    run = _mlflow_run(auto_round.uri, "human-1")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["human/groups_labeled"] == n_groups == run.data.metrics["human/groups_total"]
+    assert run.data.metrics["human/labels"] == 2 * n_groups
+    assert "train/final_loss" in run.data.metrics
+    assert run.data.tags["human.resumed_by"] == "automatic"
+    assert run.data.tags["prefdiff.round_kind"] == "human"
+
+    logs = _flow_run_logs(state.state_details.flow_run_id)
+    assert any(line.startswith("labeling page: http://127.0.0.1:8765/") for line in logs)
+    assert any(f"python -m flows.human resume {state.state_details.flow_run_id}" in line
+               and "PREFECT_API_URL=http://127.0.0.1:" in line for line in logs)
+    assert any(line.startswith(f"labels: {n_groups - 1}/{n_groups} groups labeled") for line in logs)
+    assert "label watcher: every group is labeled; resumed the run" in logs
+
+
+# --------------------------------------------------------------------------------------------------
+# The operator's resume, twice; the timeout
+# --------------------------------------------------------------------------------------------------
+
+
+def test_operator_resumes_with_done_and_a_second_resume_says_so(auto_round):
+    log = _new_log(auto_round.ws)
+    for group in log.groups:
+        log.label("alice", group)  # one annotator of two: the watcher would wait
+
+    thread, out = _in_thread(lambda: resume(str(_wait_paused()), note="enough for today"))
+    with isolated_mlflow(auto_round.uri):
+        state = human_round(repo=str(auto_round.ws), stages=["sample", "label"], timeout_seconds=300,
+                            poll_seconds=1, run_name="human-2", return_state=True)
+    code, message = _joined(thread, out)
+    flow_run_id = state.state_details.flow_run_id
+    name = _flow_run(flow_run_id).name
+    assert (code, message) == (0, f"resumed flow run {flow_run_id} ({name}) with done: it goes on with the label stage")
+    assert state.is_completed(), f"flow ended {state.type}: {state.message}"
+    result = state.result()
+    n_groups = len(log.groups)
+    assert result["labeling"] == {"resumed_by": "operator", "note": "enough for today", "labeled": 0,
+                                  "total": n_groups}
+    assert result["stages"] == {"sample": False, "label": False}  # nothing changed: DVC skipped both
+    assert _mlflow_run(auto_round.uri, "human-2").data.tags["human.note"] == "enough for today"
+
+    assert resume(str(flow_run_id)) == (1, f"already resumed: flow run {flow_run_id} ({name}) is Completed")
+    assert resume("not-a-run")[0] == 2 and "is not a flow run id" in resume("not-a-run")[1]
+    code, message = resume(str(uuid4()))
+    assert code == 2 and message.startswith("error: no flow run") and "PREFECT_API_URL" in message
+
+
+def test_resumed_with_done_false_stops_before_the_label_stage(auto_round):
+    from prefect.flow_runs import resume_flow_run
+
+    log = _new_log(auto_round.ws)
+    log.label("alice", log.groups[0])
+    # what the Prefect UI's Resume form sends with done unticked
+    thread, out = _in_thread(lambda: resume_flow_run(_wait_paused(), run_input={"done": False, "note": "bad batch"}))
+    with isolated_mlflow(auto_round.uri):
+        with pytest.raises(LabelingStopped, match=r"resumed with done = false: the round stops before the label "
+                                                  r"stage; 0/4 groups labeled .*; start a new human round"):
+            human_round(repo=str(auto_round.ws), stages=["sample", "label", "train"], timeout_seconds=300,
+                        poll_seconds=1, run_name="human-stop")
+    _joined(thread, out)
+    run = _mlflow_run(auto_round.uri, "human-stop")
+    assert run.info.status == "FAILED" and run.data.tags["prefdiff.stage.sample"] == "skipped"
+    assert "prefdiff.stage.label" not in run.data.tags  # never started
+
+
+def test_timeout_fails_the_round_keeping_the_labels_and_resume_says_timed_out(auto_round):
+    log = _new_log(auto_round.ws)
+    log.label("alice", log.groups[0])
+    before = log.path.read_bytes()
+    with isolated_mlflow(auto_round.uri):
+        with pytest.raises(LabelingTimeout, match=r"nobody resumed the round within 2 s; 0/4 groups labeled .* "
+                                                  r"in .*labels\.jsonl; the labels are kept there: start a new "
+                                                  r"human round"):
+            human_round(repo=str(auto_round.ws), stages=["sample", "label"], timeout_seconds=2, poll_seconds=1,
+                        run_name="human-3")
+    flow_run = _latest_run()
+    # the server ends a pause past its deadline itself: the state says so, the flow's log has the line above
+    assert flow_run.state.is_failed() and flow_run.state.message == "The flow was failed and never resumed."
+    assert log.path.read_bytes() == before
+    assert resume(str(flow_run.id)) == (
+        1, f"timed out: flow run {flow_run.id} ({flow_run.name}) was not resumed in time; the labels are kept in "
+           f"{auto_round.ws / LOG}; start a new human round (python -m flows.human) to go on from them")
+    run = _mlflow_run(auto_round.uri, "human-3")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["prefdiff.error"].startswith("LabelingTimeout: nobody resumed the round")
+    assert "prefdiff.failed_stage" not in run.data.tags  # no stage failed: nobody came
+
+
+# --------------------------------------------------------------------------------------------------
+# The label counter and the arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, records: list[dict], tail: str = "") -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+    return path
+
+
+HEADER = {"kind": "header", "schema": 1, "trajectories": "data/trajectories", "dataset_sha256": "a" * 64,
+          "mode": "tag", "tags": ["deformed"]}
+
+
+def _tag(seq: int, annotator: str, group: int) -> dict:
+    return {"kind": "label", "seq": seq, "time": "2026-12-02T11:00:00Z", "annotator": annotator,
+            "dataset_sha256": "a" * 64, "group_id": group, "mode": "tag", "image_ids": [2 * group, 2 * group + 1],
+            "tags": {str(2 * group): ["deformed"], str(2 * group + 1): []}}
+
+
+def test_label_progress_counts_effective_labels_per_group(tmp_path):
+    log = _write(tmp_path / "labels.jsonl", [
+        HEADER, _tag(1, "alice", 0), _tag(2, "bob", 0), _tag(3, "alice", 1), _tag(4, "bob", 1),
+        {"kind": "undo", "seq": 5, "time": "2026-12-02T11:01:00Z", "annotator": "bob", "undoes": 4},
+        _tag(6, "alice", 2), _tag(7, "carol", 2),
+    ], tail='{"kind": "label", "seq": 8, "annot')  # torn: never acknowledged
+    progress = label_progress(log, "a" * 64, {0, 1, 2, 3}, 2)
+    assert (progress.labeled, progress.total, progress.labels) == (2, 4, 5)  # groups 0 and 2
+    assert progress.annotators == ("alice", "bob", "carol") and not progress.complete
+    assert label_progress(log, "a" * 64, {0, 2}, 2).complete
+    assert label_progress(log, "a" * 64, {0, 1, 2, 3}, 1).labeled == 3
+    assert label_progress(tmp_path / "none.jsonl", "a" * 64, {0, 1}, 1).labeled == 0
+
+
+def test_label_progress_refuses_a_log_for_other_samples_or_a_corrupt_line(tmp_path):
+    log = _write(tmp_path / "labels.jsonl", [HEADER, _tag(1, "alice", 0)])
+    with pytest.raises(LabelLogError, match=r"header's dataset_sha256 aaaaaaaaaaaa\.\.\. is not the trajectory "
+                                            r"dataset's \(bbbbbbbbbbbb\.\.\.\): these labels are for other samples"):
+        label_progress(log, "b" * 64, {0}, 1)
+    log.write_text(json.dumps(HEADER) + "\n{oops\n" + json.dumps(_tag(2, "alice", 0)) + "\n")
+    with pytest.raises(LabelLogError, match=r"labels\.jsonl:2: not a JSON record"):
+        label_progress(log, "a" * 64, {0}, 1)
+    _write(log, [_tag(1, "alice", 0)])
+    with pytest.raises(LabelLogError, match=r"labels\.jsonl:1: expected a header"):
+        label_progress(log, "a" * 64, {0}, 1)
+
+
+def test_wait_arguments_are_checked():
+    assert check_wait(None, 10, 1)[1] == "label"
+    with pytest.raises(ValueError, match="have no 'label'"):
+        check_wait(["train", "evaluate"], 10, 1)
+    with pytest.raises(ValueError, match="timeout_seconds 0 must be >= 1"):
+        check_wait(None, 0, 1)
+    with pytest.raises(ValueError, match="poll_seconds 20 must be between 1 and timeout_seconds"):
+        check_wait(None, 10, 20)
+    args = parse_args(["resume", "0b6c5e1e-5c9f-4f0e-9a57-3f0d8d6a3c11", "--note", "done"])
+    assert (args.command, args.flow_run_id, args.note) == ("resume", "0b6c5e1e-5c9f-4f0e-9a57-3f0d8d6a3c11", "done")
+    args = parse_args(["--timeout-hours", "2", "--serve-labels"])
+    assert (args.command, args.timeout_hours, args.serve_labels, args.poll_seconds) == ("start", 2.0, True, 10)
+
+
+def test_cli_refuses_bad_wait_settings_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "flows.human", "--poll-seconds", "0"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["error: poll_seconds 0 must be between 1 and timeout_seconds (86400)"]
+
+
+def test_resume_cli_needs_a_reachable_api_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    run_id = "0b6c5e1e-5c9f-4f0e-9a57-3f0d8d6a3c11"
+    out = subprocess.run([sys.executable, "-m", "flows.human", "resume", run_id], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: PREFECT_API_URL is not set;")
+    closed = "http://127.0.0.1:9/api"  # the discard port: nothing listens
+    out = subprocess.run([sys.executable, "-m", "flows.human", "resume", run_id], cwd=REPO,
+                         env=env | {"PREFECT_API_URL": closed}, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"error: no Prefect API answers at {closed}: the server is down, or it "
+                                               "was the temporary server of a human round that has ended"]
+
+
+def test_human_flow_module_import_is_cheap():
+    code = "import sys, flows.human; print(any(m in sys.modules for m in ('mlflow', 'torch', 'diffusers')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------------
+# Deployments: nightly automatic rounds, a human round on demand
+# --------------------------------------------------------------------------------------------------
+
+
+def test_served_deployments_nightly_and_human_on_demand(prefect_harness, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from flows.deploy import build_deployment, build_human_deployment, parse_args
+
+    monkeypatch.chdir(REPO)  # entrypoints are recorded relative to the working directory
+    nightly_id = build_deployment(name="nightly-test").apply()
+    human_id = build_human_deployment(name="on-demand-test").apply()
+    with get_client(sync_client=True) as client:
+        nightly, human = client.read_deployment(nightly_id), client.read_deployment(human_id)
+        assert client.read_flow(human.flow_id).name == FLOW_NAME
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
+    assert human.schedules == []
+    assert human.entrypoint == "flows/human.py:human_round"
+    assert human.parameters == {"serve_labels": True}
+    for dep in (nightly, human):
+        limit = dep.global_concurrency_limit.limit if dep.global_concurrency_limit else dep.concurrency_limit
+        assert limit == 1, dep.name
+    args = parse_args(["--no-human"])
+    assert args.no_human and args.human_name == "on-demand"
+
+
+def test_prefect_yaml_deploys_both_to_the_process_pool(prefect_harness, tmp_path):
+    """``prefect --no-prompt deploy --all`` for real (there is no dry run in 3.8.8) against the test API,
+    from a copy of the checkout: both deployments, their schedules, parameters and concurrency."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    for item in ("prefect.yaml", "flows", "prefdiff", "params.yaml", "pyproject.toml"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, tmp_path / item)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="prefdiff-local", type="process"))
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(tmp_path))
+    prefect = Path(sys.executable).parent / "prefect"
+    out = subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("preference-round/nightly-round")
+        human = client.read_deployment_by_name(f"{FLOW_NAME}/on-demand")
+    raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert [d["name"] for d in raw["deployments"]] == ["nightly-round", "on-demand"]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 3 * * *", "UTC")]
+    assert human.schedules == [] and human.parameters == {"serve_labels": True}
+    for dep in (nightly, human):
+        assert dep.work_pool_name == "prefdiff-local"
+        limit = dep.global_concurrency_limit.limit if dep.global_concurrency_limit else dep.concurrency_limit
+        assert limit == 1, dep.name
+        assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
