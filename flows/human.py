@@ -16,6 +16,10 @@ It continues when
   reads the label log (``label.human.log``, the shared label-log contract in the README) every
   ``poll_seconds`` and resumes the run itself with ``prefect.flow_runs.resume_flow_run``.
 
+Once resumed with done, the flow snapshots the log into DVC (``dvc add``; the label stage depends on
+``data/labels``) and runs the label stage, which reads the same log with the same reader as the watcher
+(``prefdiff.labeling.human.read_label_log``).
+
 The wait has a timeout (``timeout_seconds``): then the run fails with one line naming the label log. The
 flow never writes the log (the labeling server appends to it), so no label is lost: a later human round
 samples nothing new (DVC skips the unchanged sample stage) and its watcher counts the labels already there.
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextvars
-import json
 import os
 import signal
 import socket
@@ -44,12 +47,21 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.input import RunInput
 
-from flows.round import _flow_run_info, _logger, check_stages, retry_on_io_error, run_round
+from flows.round import (
+    _dvc_executable,
+    _flow_run_info,
+    _logger,
+    check_stages,
+    retry_on_io_error,
+    run_round,
+    stream_command,
+)
 from prefdiff.config import load_params
 from prefdiff.paths import REPO_ROOT, Paths
 
 if TYPE_CHECKING:
     from prefdiff.config import HumanLabelParams
+    from prefdiff.labeling.human import TrajectoryIndex
 
 FLOW_NAME = "human-round"
 DEFAULT_TIMEOUT_SECONDS = 24 * 3600
@@ -68,10 +80,6 @@ class LabelingDone(RunInput):
     note: str = ""
 
 
-class LabelLogError(ValueError):
-    """The label log cannot be read as the contract says (one line naming the file, the line and the fault)."""
-
-
 class LabelingTimeout(RuntimeError):
     """Nobody resumed the round before its timeout."""
 
@@ -81,15 +89,13 @@ class LabelingStopped(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# The label log: how many prompt groups are labeled
+# The label log: how many prompt groups are labeled (read with the label stage's own reader)
 # --------------------------------------------------------------------------------------------------
-# TODO(lead): unify with prefdiff/labeling/human.py (the label stage's reader of the same log) once it is on
-# main; this counter only needs "which annotators effectively labeled which group", so it stays minimal.
 
 
 @dataclass(frozen=True)
 class LabelProgress:
-    labeled: int  # groups with at least `needed` distinct annotators' effective labels
+    labeled: int  # groups with effective labels from at least `needed` annotators
     total: int  # groups in the trajectory dataset
     needed: int  # label.human.annotators_per_group
     labels: int  # effective label records (not undone)
@@ -106,52 +112,31 @@ class LabelProgress:
                 f"({self.labels} labels{who}) in {self.log}")
 
 
-def label_progress(log: Path, dataset_sha256: str, group_ids: set[int], needed: int) -> LabelProgress:
-    """Count the groups of ``group_ids`` whose effective labels (label records not undone) come from at
-    least ``needed`` distinct annotators. A missing log is no labels. Raises LabelLogError for a log whose
-    header refers to another trajectory dataset or with a line that is not a contract record; a last line
-    without its newline is a record still being written (or torn by a crash before acknowledgement) and is
-    ignored, as the contract says."""
+def label_progress(log: Path, store: TrajectoryIndex, hp: HumanLabelParams) -> LabelProgress:
+    """The groups of ``store`` whose effective labels in ``log`` come from at least
+    ``hp.annotators_per_group`` annotators (an annotator labels a group at most once). A missing log is no
+    labels yet; any other unusable log (another dataset, mode or tags, a corrupt line) raises the reader's
+    ``prefdiff.labeling.human.LabelLogError``, exactly as the label stage would."""
+    from prefdiff.labeling.human import read_label_log
+
+    total, needed = len(store.groups()), hp.annotators_per_group
     if not log.is_file():
-        return LabelProgress(0, len(group_ids), needed, 0, (), str(log))
-    lines = log.read_text().split("\n")[:-1]  # what follows the last newline is unfinished: ignored
-    if not lines:
-        return LabelProgress(0, len(group_ids), needed, 0, (), str(log))
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LabelLogError(f"{log}:{number}: not a JSON record ({err.msg}); the label log is corrupt") from err
-        kinds = ("header",) if number == 1 else ("label", "undo")
-        if not isinstance(record, dict) or record.get("kind") not in kinds:
-            allowed = "a header" if number == 1 else "a label or undo record"
-            raise LabelLogError(f"{log}:{number}: expected {allowed}, found {line[:80]!r}")
-        records.append(record)
-    header = records[0]
-    if header.get("dataset_sha256") != dataset_sha256:
-        theirs = str(header.get("dataset_sha256"))[:12]
-        raise LabelLogError(f"{log}: its header's dataset_sha256 {theirs}... is not the trajectory dataset's "
-                            f"({dataset_sha256[:12]}...): these labels are for other samples; move the log aside "
-                            "(nothing is deleted) or sample the dataset it was made for")
-    undone = {r.get("undoes") for r in records[1:] if r["kind"] == "undo"}
-    effective = [r for r in records[1:] if r["kind"] == "label" and r.get("seq") not in undone]
+        return LabelProgress(0, total, needed, 0, (), str(log))
+    labels = read_label_log(log, store, mode=hp.mode, tags=hp.tags).labels
     by_group: dict[int, set[str]] = {}
-    for r in effective:
-        by_group.setdefault(r.get("group_id"), set()).add(r.get("annotator"))
-    labeled = sum(1 for g in group_ids if len(by_group.get(g, ())) >= needed)
-    annotators = tuple(sorted({str(r.get("annotator")) for r in effective}))
-    return LabelProgress(labeled, len(group_ids), needed, len(effective), annotators, str(log))
+    for label in labels:
+        by_group.setdefault(label.group_id, set()).add(label.annotator)
+    labeled = sum(1 for annotators in by_group.values() if len(annotators) >= needed)
+    return LabelProgress(labeled, total, needed, len(labels), tuple(sorted({la.annotator for la in labels})), str(log))
 
 
 def label_counter(root: Path, hp: HumanLabelParams) -> Callable[[], LabelProgress]:
     """A no-argument function returning the current LabelProgress of ``root``'s trajectory dataset."""
     from prefdiff.data.trajectories import TrajectoryStore
 
-    store = TrajectoryStore.open(Paths(root).trajectories, verify=False)  # the flow only needs ids and the hash
-    sha, group_ids = store.index_sha256(), {int(g["group_id"]) for g in store.groups()}
+    store = TrajectoryStore.open(Paths(root).trajectories, verify=False)  # ids and the index hash suffice
     log = label_log_path(root, hp)
-    return lambda: label_progress(log, sha, group_ids, hp.annotators_per_group)
+    return lambda: label_progress(log, store, hp)
 
 
 def label_log_path(root: Path, hp: HumanLabelParams) -> Path:
@@ -192,7 +177,8 @@ class LabelServer:
         env = dict(os.environ)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env["PYTHONUNBUFFERED"] = "1"
-        self.proc = subprocess.Popen([sys.executable, "-m", SERVER_MODULE], cwd=self.root, env=env, text=True,
+        cmd = [sys.executable, "-m", SERVER_MODULE, "--workspace", str(self.root)]  # the rest from label.human
+        self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      bufsize=1, errors="replace", start_new_session=True)
         pump = threading.Thread(target=contextvars.copy_context().run, args=(self._pump,), daemon=True,
@@ -253,6 +239,8 @@ class LabelWatcher:
     def _watch(self) -> None:
         from prefect.exceptions import FlowPauseTimeout, NotPausedError
         from prefect.flow_runs import resume_flow_run
+
+        from prefdiff.labeling.human import LabelLogError
 
         log = _logger()
         last: LabelProgress | None = None
@@ -327,6 +315,18 @@ def record_labeling(repo: str, run_id: str, progress: dict[str, Any], resumed_by
         client.set_tag(run_id, "human.note", note[:4000])
 
 
+@task(name="dvc-add-labels", cache_policy=NO_CACHE)
+def snapshot_label_log(repo: str, log: str) -> None:
+    """``dvc add`` the label log: the labels this round trains on go into DVC's cache (and ``<log>.dvc``,
+    for git), so a later round or a crash cannot lose them. The log stays a plain, appendable file (DVC's
+    default copy/reflink cache; README)."""
+    cmd = [_dvc_executable(), "add", os.path.relpath(log, repo)]
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    code, lines = stream_command(cmd, repo, env)
+    if code != 0:
+        raise RuntimeError(f"`dvc add {cmd[-1]}` exited with {code}: " + " | ".join(lines[-5:]))
+
+
 def wait_for_labels(root: Path, run_id: str, hp: HumanLabelParams, *, timeout_seconds: int, poll_seconds: int,
                     serve_labels: bool) -> dict[str, Any]:
     """Pause the flow run until it is resumed with done (operator) or every group is labeled (watcher);
@@ -358,6 +358,8 @@ def wait_for_labels(root: Path, run_id: str, hp: HumanLabelParams, *, timeout_se
             answer = pause_flow_run(wait_for_input=LabelingDone.with_initial_data(RESUME_FORM_HELP, done=True),
                                     timeout=timeout_seconds, poll_interval=poll_seconds)
     except FlowPauseTimeout as err:
+        from prefdiff.labeling.human import LabelLogError
+
         try:
             where = count().describe()
         except LabelLogError as bad:  # appended to by hand meanwhile: still say where the labels are
@@ -377,6 +379,9 @@ def wait_for_labels(root: Path, run_id: str, hp: HumanLabelParams, *, timeout_se
     if not progress.complete:
         log.warning(f"resumed with {progress.total - progress.labeled} group(s) short of "
                     f"{hp.annotators_per_group} annotator(s): the label stage uses the labels there are")
+    log_path = label_log_path(root, hp)
+    if log_path.is_file():
+        snapshot_label_log(str(root), str(log_path))
     record_labeling(str(root), run_id, {"labeled": progress.labeled, "total": progress.total,
                                         "labels": progress.labels}, resumed_by, answer.note,
                     round(time.monotonic() - began, 1))

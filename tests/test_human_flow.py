@@ -1,12 +1,13 @@
 """The human-in-the-loop round (flows/human.py) and the deployments (flows/deploy.py, prefect.yaml).
 
 Real Prefect flow runs under the session's ``prefect_test_harness`` in one module-scoped tiny DVC
-workspace (``make_workspace`` with ``TINY_OVERRIDES``, two annotators per group). The first round runs
-sample -> [paused] -> label -> train for real and is resumed by its label watcher when a test thread,
-playing the labeling server, has appended every group's labels to the label log in the contract's format;
-the later rounds reuse the workspace (DVC skips the unchanged stages) for the operator's resume, resuming
-twice, done = false and the timeout, so they cost seconds. ~1.5 min on 2 idle CPU cores (78 s
-measured; 3-4 min while other jobs loaded the machine).
+workspace (``make_workspace`` with ``TINY_OVERRIDES``, ``label.source: human``, two annotators per group).
+The first round runs sample -> [paused] -> label -> train for real: the flow starts the real labeling server
+(``python -m prefdiff.labeling.server``), two annotators label every group over its HTTP API (one undoes a
+label on the way), the flow's watcher resumes the run when every group has two labels, and the label stage
+turns the log into the preference pairs training uses. The later rounds reuse the workspace (DVC skips the
+unchanged stages) for the operator's resume, resuming twice, done = false and the timeout, so they cost
+seconds. ~1.5 min on 2 idle CPU cores.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import contextvars
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import uuid4
 
+import httpx
 import pytest
 import yaml
 from conftest import REPO, TINY_OVERRIDES, isolated_mlflow, make_workspace
@@ -32,69 +34,69 @@ from flows.human import (
     FLOW_NAME,
     LabelingStopped,
     LabelingTimeout,
-    LabelLogError,
     check_wait,
     human_round,
     label_progress,
     parse_args,
     resume,
 )
-from prefdiff.config import merged
+from prefdiff.config import HumanLabelParams, merged
 from prefdiff.paths import Paths
 
 ANNOTATORS_PER_GROUP = 2
-OVERRIDES = merged(TINY_OVERRIDES, {"label": {"human": {"annotators_per_group": ANNOTATORS_PER_GROUP}}})
 LOG = "data/labels/labels.jsonl"  # params.yaml label.human.log
 EXPERIMENT = "prefdiff"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+PORT = _free_port()  # the labeling server's, in the workspace's params (label.human.port)
+OVERRIDES = merged(TINY_OVERRIDES, {"label": {"source": "human", "human": {
+    "annotators_per_group": ANNOTATORS_PER_GROUP, "port": PORT}}})
+
+
 # --------------------------------------------------------------------------------------------------
-# The label log, as the labeling server writes it (RULES / README contract)
+# Annotators, through the labeling server's HTTP API
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class LabelLog:
-    path: Path
-    sha: str
-    groups: list[dict]
-    seq: int = 0
-    lines: list[dict] = field(default_factory=list)
-
-    def header(self) -> LabelLog:
-        self._append({"kind": "header", "schema": 1, "trajectories": "data/trajectories",
-                      "dataset_sha256": self.sha, "mode": "pair", "tags": ["deformed"]})
-        return self
-
-    def label(self, annotator: str, group: dict) -> int:
-        self.seq += 1
-        self._append({"kind": "label", "seq": self.seq, "time": _now(), "annotator": annotator,
-                      "dataset_sha256": self.sha, "group_id": group["group_id"], "mode": "pair",
-                      "image_ids": group["image_ids"][:2], "choice": "first"})
-        return self.seq
-
-    def undo(self, annotator: str, seq: int) -> None:
-        self.seq += 1
-        self._append({"kind": "undo", "seq": self.seq, "time": _now(), "annotator": annotator, "undoes": seq})
-
-    def _append(self, record: dict) -> None:  # append-only, fsync'd, as the server acknowledges
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+def _label_all(annotator: str, *, limit: int | None = None) -> list[int]:
+    """``annotator`` labels every group the server offers (at most ``limit``), always preferring the image
+    with the lower id; returns the groups labeled."""
+    done: list[int] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=30) as client:
+        while limit is None or len(done) < limit:
+            nxt = client.get("/api/next", params={"annotator": annotator}).raise_for_status().json()
+            if nxt["state"] == "done":
+                break
+            task = nxt["task"]
+            first, second = task["image_ids"]
+            client.post("/api/labels", json={
+                "annotator": annotator, "dataset_sha256": nxt["dataset_sha256"], "group_id": task["group_id"],
+                "image_ids": task["image_ids"], "choice": "first" if first < second else "second",
+            }).raise_for_status()
+            done.append(task["group_id"])
+    return done
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _undo(annotator: str) -> int:
+    with httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=30) as client:
+        return client.post("/api/undo", json={"annotator": annotator}).raise_for_status().json()["group_id"]
 
 
-def _new_log(ws: Path) -> LabelLog:
+def _make_incomplete(ws: Path) -> None:
+    """Bob takes back his last label (with the log's own writer, no server running): one group short."""
     from prefdiff.data.trajectories import TrajectoryStore
+    from prefdiff.labeling.label_log import LabelLog
 
     store = TrajectoryStore.open(Paths(ws).trajectories, verify=False)
-    (ws / LOG).unlink(missing_ok=True)
-    return LabelLog(ws / LOG, store.index_sha256(), store.groups()).header()
+    with LabelLog.open(ws / LOG, store, writer=True, annotators_per_group=ANNOTATORS_PER_GROUP) as log:
+        if log.groups_complete() == log.num_groups:
+            log.undo("bob")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,59 +210,81 @@ def auto_round(prefect_harness, tmp_path_factory):
         ws = make_workspace(tmp / "ws", OVERRIDES)
 
         def annotators() -> dict:
-            flow_run_id = _wait_paused()
-            log = _new_log(ws)
-            first, last = log.groups[:-1], log.groups[-1]
-            for group in first:
-                log.label("alice", group)
-                log.label("bob", group)
-            log.label("alice", last)
-            log.undo("bob", log.label("bob", last))  # bob takes his label back: the last group is one short
+            flow_run_id = _wait_paused()  # the flow has started the labeling server by now
+            alice = _label_all("alice")
+            bob = _label_all("bob", limit=len(alice) - 1)  # never complete before the end: no early resume
+            undone = _undo("bob")  # bob takes his last label back: two groups are one label short
             time.sleep(4)  # four watcher polls
             state_while_short = _flow_run(flow_run_id).state.type
             done_at = time.time()
-            log.label("bob", last)
-            return {"flow_run_id": flow_run_id, "state_while_short": state_while_short, "done_at": done_at}
+            again = _label_all("bob")
+            return {"flow_run_id": flow_run_id, "state_while_short": state_while_short, "done_at": done_at,
+                    "alice": alice, "bob": bob, "undone": undone, "again": again}
 
         thread, out = _in_thread(annotators)
         state = human_round(repo=str(ws), stages=["sample", "label", "train"], timeout_seconds=300, poll_seconds=1,
-                            run_name="human-1", return_state=True)
+                            serve_labels=True, run_name="human-1", return_state=True)
         yield AutoRound(ws=ws, uri=uri, state=state, annotators=_joined(thread, out), log_bytes=(ws / LOG).read_bytes())
 
 
-def test_paused_round_resumes_when_every_group_is_labeled_and_trains(auto_round):
+def test_paused_round_resumes_when_every_group_is_labeled_and_trains_on_the_labels(auto_round):
     from prefect.client.schemas.objects import StateType
 
-    state, paths = auto_round.state, Paths(auto_round.ws)
+    from prefdiff.data.preferences import PreferenceStore
+    from prefdiff.data.trajectories import TrajectoryStore
+
+    state, paths, who = auto_round.state, Paths(auto_round.ws), auto_round.annotators
     assert state.is_completed(), f"flow ended {state.type}: {state.message}"
     result = state.result()
-    assert auto_round.annotators["flow_run_id"] == state.state_details.flow_run_id
-    assert auto_round.annotators["state_while_short"] == StateType.PAUSED, "resumed before every group was labeled"
     n_groups = TINY_OVERRIDES["sample"]["num_prompts"]
-    assert result["labeling"] == {"resumed_by": "automatic", "labeled": n_groups, "total": n_groups,
-                                  "note": f"automatic: {n_groups}/{n_groups} groups labeled by 2 annotator(s) each "
-                                          f"({2 * n_groups} labels by alice, bob) in {auto_round.ws / LOG}"}
+    assert sorted(who["alice"]) == sorted(who["bob"] + [g for g in who["again"] if g != who["undone"]])
+    assert sorted(who["alice"]) == list(range(n_groups)) and who["undone"] in who["again"]
+    assert who["flow_run_id"] == state.state_details.flow_run_id
+    assert who["state_while_short"] == StateType.PAUSED, "resumed before every group had two labels"
+    note = (f"automatic: {n_groups}/{n_groups} groups labeled by 2 annotator(s) each ({2 * n_groups} labels by "
+            f"alice, bob) in {auto_round.ws / LOG}")
+    assert result["labeling"] == {"resumed_by": "automatic", "labeled": n_groups, "total": n_groups, "note": note}
     assert result["stages"] == {"sample": True, "label": True, "train": True}
+
+    # the label stage read the people's log: one pair per group, the lower image id preferred, as both chose
+    groups = TrajectoryStore.open(paths.trajectories, verify=False).groups()
+    pairs = PreferenceStore.open(paths.preferences).pairs
+    assert sorted((p.group_id, p.winner, p.loser, p.tie) for p in pairs) == sorted(
+        (g["group_id"], min(g["image_ids"]), max(g["image_ids"]), False) for g in groups)
     assert (paths.trained / "pytorch_lora_weights.safetensors").is_file()
-    # sampled before the wait, labeled and trained after it
-    assert (paths.trajectories / "index.json").stat().st_mtime < auto_round.annotators["done_at"]
-    assert (paths.preferences / "index.json").stat().st_mtime > auto_round.annotators["done_at"]
-    assert (auto_round.ws / LOG).read_bytes() == auto_round.log_bytes, "the flow must never write the label log"
+    # sampled before the wait; labeled after it; the log snapshotted into DVC; the flow never wrote the log
+    assert (paths.trajectories / "index.json").stat().st_mtime < who["done_at"]
+    assert (paths.preferences / "index.json").stat().st_mtime > who["done_at"]
+    assert (auto_round.ws / f"{LOG}.dvc").is_file()
+    assert (auto_round.ws / LOG).read_bytes() == auto_round.log_bytes
 
     run = _mlflow_run(auto_round.uri, "human-1")
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["human/groups_labeled"] == n_groups == run.data.metrics["human/groups_total"]
-    assert run.data.metrics["human/labels"] == 2 * n_groups
-    assert "train/final_loss" in run.data.metrics
-    assert run.data.tags["human.resumed_by"] == "automatic"
-    assert run.data.tags["prefdiff.round_kind"] == "human"
+    metrics, tags = run.data.metrics, run.data.tags
+    assert metrics["human/groups_labeled"] == n_groups == metrics["human/groups_total"]
+    assert metrics["human/labels"] == 2 * n_groups
+    assert metrics["label/effective_labels"] == 2 * n_groups and metrics["label/undone_labels"] == 1
+    # both always prefer the lower id: full agreement with the majority (kappa is undefined: one category only)
+    assert metrics["label/majority_agreement/alice"] == metrics["label/majority_agreement/bob"] == 1.0
+    assert "train/final_loss" in metrics
+    assert tags["human.resumed_by"] == "automatic" and tags["prefdiff.round_kind"] == "human"
 
     logs = _flow_run_logs(state.state_details.flow_run_id)
-    assert any(line.startswith("labeling page: http://127.0.0.1:8765/") for line in logs)
+    assert f"labeling page: http://127.0.0.1:{PORT}/  (started by this flow)" in logs
+    assert any(line.startswith("label-server: label log: ") for line in logs), "the server's output is not logged"
     assert any(f"python -m flows.human resume {state.state_details.flow_run_id}" in line
                and "PREFECT_API_URL=http://127.0.0.1:" in line for line in logs)
-    assert any(line.startswith(f"labels: {n_groups - 1}/{n_groups} groups labeled") for line in logs)
+    assert any(line.startswith(f"labels: {n_groups - 2}/{n_groups} groups labeled") for line in logs)
     assert "label watcher: every group is labeled; resumed the run" in logs
+    assert not _listening(PORT), "the labeling server outlived the wait"
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,11 +292,10 @@ def test_paused_round_resumes_when_every_group_is_labeled_and_trains(auto_round)
 # --------------------------------------------------------------------------------------------------
 
 
-def test_operator_resumes_with_done_and_a_second_resume_says_so(auto_round):
-    log = _new_log(auto_round.ws)
-    for group in log.groups:
-        log.label("alice", group)  # one annotator of two: the watcher would wait
+def test_operator_resumes_with_done_and_the_label_stage_uses_the_labels_there_are(auto_round):
+    from prefdiff.data.preferences import PreferenceStore
 
+    _make_incomplete(auto_round.ws)  # 3 of 4 groups have two labels: the watcher keeps waiting
     thread, out = _in_thread(lambda: resume(str(_wait_paused()), note="enough for today"))
     with isolated_mlflow(auto_round.uri):
         state = human_round(repo=str(auto_round.ws), stages=["sample", "label"], timeout_seconds=300,
@@ -283,11 +306,14 @@ def test_operator_resumes_with_done_and_a_second_resume_says_so(auto_round):
     assert (code, message) == (0, f"resumed flow run {flow_run_id} ({name}) with done: it goes on with the label stage")
     assert state.is_completed(), f"flow ended {state.type}: {state.message}"
     result = state.result()
-    n_groups = len(log.groups)
-    assert result["labeling"] == {"resumed_by": "operator", "note": "enough for today", "labeled": 0,
+    n_groups = TINY_OVERRIDES["sample"]["num_prompts"]
+    assert result["labeling"] == {"resumed_by": "operator", "note": "enough for today", "labeled": n_groups - 1,
                                   "total": n_groups}
-    assert result["stages"] == {"sample": False, "label": False}  # nothing changed: DVC skipped both
-    assert _mlflow_run(auto_round.uri, "human-2").data.tags["human.note"] == "enough for today"
+    assert result["stages"] == {"sample": False, "label": True}  # same samples; the log changed
+    assert len(PreferenceStore.open(Paths(auto_round.ws).preferences).pairs) == n_groups - 1
+    run = _mlflow_run(auto_round.uri, "human-2")
+    assert run.data.tags["human.note"] == "enough for today" and run.data.tags["human.resumed_by"] == "operator"
+    assert run.data.metrics["label/groups_left_out"] == 1
 
     assert resume(str(flow_run_id)) == (1, f"already resumed: flow run {flow_run_id} ({name}) is Completed")
     assert resume("not-a-run")[0] == 2 and "is not a flow run id" in resume("not-a-run")[1]
@@ -298,13 +324,12 @@ def test_operator_resumes_with_done_and_a_second_resume_says_so(auto_round):
 def test_resumed_with_done_false_stops_before_the_label_stage(auto_round):
     from prefect.flow_runs import resume_flow_run
 
-    log = _new_log(auto_round.ws)
-    log.label("alice", log.groups[0])
+    _make_incomplete(auto_round.ws)
     # what the Prefect UI's Resume form sends with done unticked
     thread, out = _in_thread(lambda: resume_flow_run(_wait_paused(), run_input={"done": False, "note": "bad batch"}))
     with isolated_mlflow(auto_round.uri):
         with pytest.raises(LabelingStopped, match=r"resumed with done = false: the round stops before the label "
-                                                  r"stage; 0/4 groups labeled .*; start a new human round"):
+                                                  r"stage; 3/4 groups labeled .*; start a new human round"):
             human_round(repo=str(auto_round.ws), stages=["sample", "label", "train"], timeout_seconds=300,
                         poll_seconds=1, run_name="human-stop")
     _joined(thread, out)
@@ -314,11 +339,11 @@ def test_resumed_with_done_false_stops_before_the_label_stage(auto_round):
 
 
 def test_timeout_fails_the_round_keeping_the_labels_and_resume_says_timed_out(auto_round):
-    log = _new_log(auto_round.ws)
-    log.label("alice", log.groups[0])
-    before = log.path.read_bytes()
+    _make_incomplete(auto_round.ws)
+    log = auto_round.ws / LOG
+    before = log.read_bytes()
     with isolated_mlflow(auto_round.uri):
-        with pytest.raises(LabelingTimeout, match=r"nobody resumed the round within 2 s; 0/4 groups labeled .* "
+        with pytest.raises(LabelingTimeout, match=r"nobody resumed the round within 2 s; 3/4 groups labeled .* "
                                                   r"in .*labels\.jsonl; the labels are kept there: start a new "
                                                   r"human round"):
             human_round(repo=str(auto_round.ws), stages=["sample", "label"], timeout_seconds=2, poll_seconds=1,
@@ -326,7 +351,7 @@ def test_timeout_fails_the_round_keeping_the_labels_and_resume_says_timed_out(au
     flow_run = _latest_run()
     # the server ends a pause past its deadline itself: the state says so, the flow's log has the line above
     assert flow_run.state.is_failed() and flow_run.state.message == "The flow was failed and never resumed."
-    assert log.path.read_bytes() == before
+    assert log.read_bytes() == before
     assert resume(str(flow_run.id)) == (
         1, f"timed out: flow run {flow_run.id} ({flow_run.name}) was not resumed in time; the labels are kept in "
            f"{auto_round.ws / LOG}; start a new human round (python -m flows.human) to go on from them")
@@ -341,46 +366,43 @@ def test_timeout_fails_the_round_keeping_the_labels_and_resume_says_timed_out(au
 # --------------------------------------------------------------------------------------------------
 
 
-def _write(path: Path, records: list[dict], tail: str = "") -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
-    return path
+@dataclass
+class _Index:  # what the label-log reader needs of a trajectory store (prefdiff.labeling.human.TrajectoryIndex)
+    root: Path
+    sha: str
+
+    def index_sha256(self) -> str:
+        return self.sha
+
+    def groups(self) -> list[dict]:
+        return [{"group_id": g, "prompt": "a 3", "seed": g, "image_ids": [2 * g, 2 * g + 1]} for g in range(4)]
 
 
-HEADER = {"kind": "header", "schema": 1, "trajectories": "data/trajectories", "dataset_sha256": "a" * 64,
-          "mode": "tag", "tags": ["deformed"]}
-
-
-def _tag(seq: int, annotator: str, group: int) -> dict:
+def _pair(seq: int, annotator: str, group: int) -> dict:
     return {"kind": "label", "seq": seq, "time": "2026-12-02T11:00:00Z", "annotator": annotator,
-            "dataset_sha256": "a" * 64, "group_id": group, "mode": "tag", "image_ids": [2 * group, 2 * group + 1],
-            "tags": {str(2 * group): ["deformed"], str(2 * group + 1): []}}
+            "dataset_sha256": "a" * 64, "group_id": group, "mode": "pair", "image_ids": [2 * group, 2 * group + 1],
+            "choice": "first"}
 
 
-def test_label_progress_counts_effective_labels_per_group(tmp_path):
-    log = _write(tmp_path / "labels.jsonl", [
-        HEADER, _tag(1, "alice", 0), _tag(2, "bob", 0), _tag(3, "alice", 1), _tag(4, "bob", 1),
-        {"kind": "undo", "seq": 5, "time": "2026-12-02T11:01:00Z", "annotator": "bob", "undoes": 4},
-        _tag(6, "alice", 2), _tag(7, "carol", 2),
-    ], tail='{"kind": "label", "seq": 8, "annot')  # torn: never acknowledged
-    progress = label_progress(log, "a" * 64, {0, 1, 2, 3}, 2)
-    assert (progress.labeled, progress.total, progress.labels) == (2, 4, 5)  # groups 0 and 2
+def test_label_progress_counts_groups_with_enough_annotators(tmp_path):
+    hp = HumanLabelParams(annotators_per_group=2)
+    header = {"kind": "header", "schema": 1, "trajectories": "data/trajectories", "dataset_sha256": "a" * 64,
+              "mode": "pair", "tags": hp.tags}
+    records = [header, _pair(1, "alice", 0), _pair(2, "bob", 0), _pair(3, "alice", 1), _pair(4, "bob", 1),
+               {"kind": "undo", "seq": 5, "time": "2026-12-02T11:01:00Z", "annotator": "bob", "undoes": 4},
+               _pair(6, "alice", 2), _pair(7, "carol", 2)]
+    log = tmp_path / "labels.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "label", "seq": 8, "ann')  # torn
+    store = _Index(tmp_path, "a" * 64)
+    progress = label_progress(log, store, hp)
+    assert (progress.labeled, progress.total, progress.labels) == (2, 4, 5)  # groups 0 and 2; bob's 1 undone
     assert progress.annotators == ("alice", "bob", "carol") and not progress.complete
-    assert label_progress(log, "a" * 64, {0, 2}, 2).complete
-    assert label_progress(log, "a" * 64, {0, 1, 2, 3}, 1).labeled == 3
-    assert label_progress(tmp_path / "none.jsonl", "a" * 64, {0, 1}, 1).labeled == 0
+    assert label_progress(log, store, HumanLabelParams(annotators_per_group=1)).labeled == 3
+    assert label_progress(tmp_path / "none.jsonl", store, hp).labels == 0  # nobody has labeled yet
+    from prefdiff.labeling.human import LabelLogError
 
-
-def test_label_progress_refuses_a_log_for_other_samples_or_a_corrupt_line(tmp_path):
-    log = _write(tmp_path / "labels.jsonl", [HEADER, _tag(1, "alice", 0)])
-    with pytest.raises(LabelLogError, match=r"header's dataset_sha256 aaaaaaaaaaaa\.\.\. is not the trajectory "
-                                            r"dataset's \(bbbbbbbbbbbb\.\.\.\): these labels are for other samples"):
-        label_progress(log, "b" * 64, {0}, 1)
-    log.write_text(json.dumps(HEADER) + "\n{oops\n" + json.dumps(_tag(2, "alice", 0)) + "\n")
-    with pytest.raises(LabelLogError, match=r"labels\.jsonl:2: not a JSON record"):
-        label_progress(log, "a" * 64, {0}, 1)
-    _write(log, [_tag(1, "alice", 0)])
-    with pytest.raises(LabelLogError, match=r"labels\.jsonl:1: expected a header"):
-        label_progress(log, "a" * 64, {0}, 1)
+    with pytest.raises(LabelLogError, match="these labels are of other images"):
+        label_progress(log, _Index(tmp_path, "b" * 64), hp)
 
 
 def test_wait_arguments_are_checked():
