@@ -7,7 +7,7 @@ The first round runs sample -> [paused] -> label -> train for real: the flow sta
 label on the way), the flow's watcher resumes the run when every group has two labels, and the label stage
 turns the log into the preference pairs training uses. The later rounds reuse the workspace (DVC skips the
 unchanged stages) for the operator's resume, resuming twice, done = false and the timeout, so they cost
-seconds. ~1.5 min on 2 idle CPU cores.
+seconds. ~1.5 min of CPU on 2 cores (2-4 min wall while other jobs shared the machine).
 """
 
 from __future__ import annotations
