@@ -267,6 +267,28 @@ def test_round_count_is_set_in_params_yaml_keeping_every_comment():
         with_round_count("train:\n  count: 3\n", 5)
 
 
+def test_the_curve_experiment_averages_seeds_at_each_evaluation_point():
+    from evaluation.stats import mean_ci
+    from experiments.rounds_curve import curve_rows
+
+    def run(method, seed, rewards):  # round 0 (the base) and rounds evaluated at 80 and 160 images
+        rows = [{"round": 0, "samples": 0, "eval_reward": 0.7}, {"round": 1, "samples": 80},
+                {"round": 2, "samples": 160, "eval_reward": rewards[0]}, {"round": 4, "samples": 320,
+                                                                           "eval_reward": rewards[1]}]
+        return {"method": method, "seed": seed, "rows": rows}
+
+    runs = [run("d3po", 0, (0.71, 0.75)), run("d3po", 1, (0.73, 0.79)), run("ddpo", 0, (0.70, 0.72))]
+    rows = curve_rows(runs, images_per_group=2)
+    assert [(r["samples"], r["pairs"]) for r in rows] == [(0, 0), (160, 80), (320, 160)]  # G = 2: a pair per group
+    last = rows[-1]
+    ci = mean_ci([0.75, 0.79])
+    assert (last["d3po_mean"], last["d3po_low"], last["d3po_high"], last["d3po_seeds"]) == (ci.mean, ci.low, ci.high, 2)
+    assert (last["ddpo_mean"], last["ddpo_seeds"]) == (0.72, 1) and rows[0]["ddpo_mean"] == 0.7
+    groups_of_4 = curve_rows([{"method": "d3po", "seed": 0, "rows": [{"round": 1, "samples": 8, "eval_reward": 1.0}]}],
+                             images_per_group=4)
+    assert groups_of_4[0]["pairs"] == 12  # 2 groups x C(4, 2)
+
+
 # --------------------------------------------------------------------------------------------------
 # The flow: the DVC stage in a throw-away workspace, one MLflow parent run, a child run per round
 # --------------------------------------------------------------------------------------------------
