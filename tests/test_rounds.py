@@ -159,6 +159,7 @@ def test_the_sample_stage_samples_from_a_lora_named_by_sample_lora(base_ref, tmp
     sample_dataset(params, tmp_path / "traj", progress=lambda _: None, pipe=pipe)
     assert model_fingerprint(pipe) == base_sha and not getattr(pipe.unet, "peft_config", None)  # base again
     store = TrajectoryStore.open(tmp_path / "traj")
+    assert store.index["model"]["unet_sha256"] == base_sha  # the base, and which LoRA drew on it:
     assert store.index["model"]["policy_lora"] == str(lora)
     assert store.index["model"]["policy_lora_sha256"] == tree_sha256(lora)
     sampled = store.load_all()[1]
@@ -365,6 +366,7 @@ def test_flow_refuses_human_labels_before_any_run(prefect_harness, tmp_path):
     from flows.rounds import preference_rounds
 
     ws = make_workspace(tmp_path / "ws", {"label": {"source": "human"}})
-    with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db"), pytest.raises(ValueError, match="allowed: judge, simulated"):
+    with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db"), \
+            pytest.raises(ValueError, match="allowed: judge, simulated"):
         preference_rounds(repo=str(ws))
     assert not (tmp_path / "mlflow.db").exists()

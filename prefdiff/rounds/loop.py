@@ -323,7 +323,8 @@ def _summary(params: Params, rows: list[dict[str, Any]], judge, began: float) ->
     out: dict[str, Any] = {"rounds": last["round"], "samples": last["samples"], "method": params.train.method,
                            "reference": params.train.reference, "judge": judge.name,
                            "eval_judge": params.eval_judge, "higher_is_better": bool(judge.higher_is_better),
-                           "base_eval_reward": rows[0]["eval_reward"], "seconds_this_run": round(time.time() - began, 1)}
+                           "base_eval_reward": rows[0]["eval_reward"],
+                           "seconds_this_run": round(time.time() - began, 1)}
     if evaluated:
         final = evaluated[-1]
         out |= {f"final_{k}": v for k, v in final.items() if k not in ("round", "samples")}

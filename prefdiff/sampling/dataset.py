@@ -37,7 +37,7 @@ def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], N
     file-backed prompt sets and a relative ``sample.lora`` are resolved (default: the current directory, the
     DVC workspace). With ``sample.lora`` the LoRA is loaded for sampling and unloaded again afterwards."""
     from prefdiff.data.baseline import tree_sha256
-    from prefdiff.models.loading import load_pipeline
+    from prefdiff.models.loading import load_pipeline, model_fingerprint
     from prefdiff.models.lora import load_lora_weights
 
     sp = params.sample
@@ -52,10 +52,12 @@ def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], N
                              revision=params.model.revision)
     if lora_dir is None:
         return write_trajectories(pipe, prompts, seeds, params, out_dir, progress=progress)
+    base_sha256 = model_fingerprint(pipe)  # the base's, before the LoRA wraps its layers
     load_lora_weights(pipe, lora_dir)
     try:
         policy = {"policy_lora": sp.lora, "policy_lora_sha256": tree_sha256(lora_dir)}
-        return write_trajectories(pipe, prompts, seeds, params, out_dir, policy=policy, progress=progress)
+        return write_trajectories(pipe, prompts, seeds, params, out_dir, policy=policy, base_sha256=base_sha256,
+                                  progress=progress)
     finally:
         pipe.unload_lora_weights()  # a caller's pipeline goes back as it came: the base
 
