@@ -2,6 +2,8 @@
 #              as a Prefect flow on Prefect's embedded server, each task a `dvc repro` stage, tracked in MLflow
 # make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data, each a DVC
 #              experiment (compare-<method>); one table
+# make rounds - many automatic-judge rounds in one process (rounds.count of params.yaml; ROUNDS=N to change it), each an
+#              MLflow child run, every round's data in data/rounds (the DVC stage of pipelines/rounds/dvc.yaml)
 # make test  - the test suite
 # make label-server - the labeling page for people (label.human; ARGS="--mode tag --annotators alice,bob")
 # Both create or update the virtual environment .venv first, from the pinned requirements.lock.
@@ -20,7 +22,7 @@ export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test install repro compare serve human-round label-server mlflow-ui clean
+.PHONY: run test install repro compare rounds serve human-round label-server mlflow-ui clean
 
 install: $(STAMP)
 
@@ -50,6 +52,10 @@ repro: $(STAMP)
 compare: $(STAMP)
 	$(PY) -m flows.compare
 
+# Many rounds in one process, through the DVC stage `rounds` (flows/rounds.py): `make rounds ROUNDS=50` sets rounds.count.
+rounds: $(STAMP)
+	$(PY) -m flows.rounds $(if $(ROUNDS),--rounds $(ROUNDS))
+
 # A long-lived process that runs the round on its cron schedule and human rounds on demand (flows/deploy.py).
 serve: $(STAMP)
 	$(PY) -m flows.deploy
@@ -69,4 +75,4 @@ mlflow-ui: $(STAMP)
 # Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
 # metrics/ and plots/ stay: the next run rewrites them).
 clean:
-	rm -rf data/trajectories data/preferences data/heldout models/trained models/checkpoints models/baseline eval mlflow.db mlartifacts .prefect
+	rm -rf data/trajectories data/preferences data/heldout data/rounds models/trained models/checkpoints models/baseline eval mlflow.db mlartifacts .prefect

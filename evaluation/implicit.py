@@ -116,9 +116,14 @@ def trajectory_implicit_accuracy(pipe, trained: Path, trajectories, pairs: Seque
     base = summed()
     with trained_weights(pipe, trained):
         tuned = summed()
-    ratio = tuned - base  # [N] summed log pi_trained / pi_base per image
-    margins = np.array([float(ratio[row[p.winner]] - ratio[row[p.loser]]) for p in pairs])
+    return accuracy_of_log_ratios(tuned - base, row, pairs)  # [N] summed log pi_trained / pi_base per image
+
+
+def accuracy_of_log_ratios(ratio: torch.Tensor, row_of: dict[int, int], pairs: Sequence) -> ImplicitAccuracy:
+    """D3PO implicit accuracy from each image's summed per-step log-ratio ``ratio`` [N] (a policy against the
+    base; ``row_of``: image id -> row): a pair is right when its winner's ratio is larger, half on equality."""
+    margins = np.array([float(ratio[row_of[p.winner]] - ratio[row_of[p.loser]]) for p in pairs])
     return _summarise("trajectory", margins)
 
 
-__all__ = ["ImplicitAccuracy", "elbo_implicit_accuracy", "trajectory_implicit_accuracy"]
+__all__ = ["ImplicitAccuracy", "accuracy_of_log_ratios", "elbo_implicit_accuracy", "trajectory_implicit_accuracy"]

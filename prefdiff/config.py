@@ -89,6 +89,11 @@ class SampleParams(_Section):
     seed: int = Field(0, ge=0)
     batch_size: int = Field(16, ge=1, le=4096)  # images per UNet call (x2 for guidance)
     shard_size: int = Field(256, ge=1)  # images per safetensors shard
+    # The policy that samples: None = the base model; a diffusers-format LoRA dir (relative to the workspace,
+    # e.g. a previous round's models/trained copied to models/policy) loaded onto the base, so a stage-based
+    # round r samples from round r-1's policy (D3PO Algorithm 1). The rounds stage ignores it: its round r
+    # samples from its own round r-1.
+    lora: str | None = Field(None, min_length=1)
 
     @field_validator("prompt_set")
     @classmethod
@@ -296,8 +301,9 @@ class TrainParams(_Section):
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float = Field(4.0, gt=0.0)
-    # "base": the base UNet with adapters disabled; "previous_round": the frozen adapter weights the
-    # round started from (init_lora).
+    # "base": the base UNet with adapters disabled; "previous_round": the policy the round starts from, frozen
+    # (D3PO Sec. 5.2): the train stage's init_lora (which it then needs, stages/train.py says so), the rounds
+    # stage's previous round.
     reference: Literal["base", "previous_round"] = "base"
     init_lora: str | None = None  # a diffusers-format LoRA dir to start from
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -335,9 +341,7 @@ class TrainParams(_Section):
         return "no" if v is False else v
 
     @model_validator(mode="after")
-    def _reference_needs_init(self) -> TrainParams:
-        if self.reference == "previous_round" and not self.init_lora:
-            raise ValueError("train.reference = 'previous_round' needs train.init_lora (the round's start LoRA)")
+    def _init_lora_is_a_lora(self) -> TrainParams:
         if self.finetune == "full" and self.init_lora:
             raise ValueError("train.init_lora starts a LoRA; with train.finetune = 'full' set it to null")
         return self
@@ -448,6 +452,22 @@ class CompareParams(_Section):
         return self
 
 
+class RoundsParams(_Section):
+    """The ``rounds`` stage (``prefdiff.rounds``): many automatic-judge rounds in one process (D3PO Algorithm 1).
+
+    Round r samples ``groups_per_round`` prompt groups (``sample.images_per_group`` images each, prompts drawn
+    at random from ``sample.prompt_set``) from round r-1's policy, labels them (``label``: judge or
+    simulated), trains ``train.method`` on them (``train``; reference ``train.reference``) with the model and
+    optimizer kept in memory, and writes every round's data. The other sections say how; this one how many.
+    """
+
+    count: int = Field(10, ge=1, le=100_000)  # N rounds (the paper's Sec. 5.1: 400 epochs of 80 images)
+    groups_per_round: int = Field(40, ge=1, le=100_000)  # K prompt groups per round (the paper: 40 pairs)
+    # every N rounds and after the last: the policy's reward and win-rate against the base on the evaluation
+    # prompts, and the sampling policy's KL proxy and implicit accuracy on the round's fresh pairs
+    eval_every: int = Field(5, ge=1)
+
+
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
@@ -461,6 +481,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     compare: CompareParams = CompareParams()
+    rounds: RoundsParams = RoundsParams()
 
     @property
     def eval_judge(self) -> str:

@@ -88,6 +88,29 @@ class Paths:
         return self.root / "plots" / "scorers.csv"
 
     @property
+    def rounds(self) -> Path:
+        """The rounds stage's data: ``round-NNN/{trajectories,preferences,lora,checkpoint}`` and ``round.json``."""
+        return self.root / "data" / "rounds"
+
+    @property
+    def rounds_metrics(self) -> Path:
+        return self.root / "metrics" / "rounds.json"
+
+    @property
+    def rounds_plot(self) -> Path:
+        """One row per round: the DVC plot of the per-round curves."""
+        return self.root / "plots" / "rounds.csv"
+
+    @property
+    def rounds_eval_plot(self) -> Path:
+        """One row per evaluated round (every rounds.eval_every and the last)."""
+        return self.root / "plots" / "rounds_eval.csv"
+
+    @property
+    def rounds_figure(self) -> Path:
+        return self.root / "plots" / "rounds.png"
+
+    @property
     def decision(self) -> Path:
         return self.root / "registry" / "decision.json"
 

@@ -252,3 +252,46 @@ def log_lineage(root: Path, run_id: str | None = None) -> dict[str, str]:
         if path.is_file():
             client.log_artifact(run_id, str(path), artifact_path=LINEAGE_ARTIFACT_DIR)
     return tags
+
+
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under the run it names
+ROUND_TAG = "prefdiff.round"
+ROUND_CURVE_PREFIX = "rounds/"
+
+
+def round_runs(parent_run_id: str) -> dict[int, str]:
+    """{round: child run id} of the rounds already logged under ``parent_run_id`` (``log_round_run``)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'",
+                                  max_results=50_000)
+    return {int(run.data.tags[ROUND_TAG]): run.info.run_id for run in children if ROUND_TAG in run.data.tags}
+
+
+def log_round_run(parent_run_id: str, row: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+    """One round of many as an MLflow child run of ``parent_run_id`` (nested in the UI by ``mlflow.parentRunId``,
+    tagged ``prefdiff.round``): the round's numeric metrics; and the round's point of the parent's per-round
+    curves, ``rounds/<metric>`` at step = the round. Returns the child run's id.
+
+    The tracking URI must already point at the parent's store (``ensure_experiment``/``stage_run`` set it)."""
+    import math
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    round_index = int(row["round"])
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    run = client.create_run(experiment_id, run_name=f"round-{round_index:03d}", tags={
+        PARENT_RUN_TAG: parent_run_id, ROUND_TAG: str(round_index), **(tags or {})})
+    now = int(time.time() * 1000)
+    numeric = {k: float(v) for k, v in row.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "round"}
+    client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(numeric.items())])
+    client.log_batch(parent_run_id, metrics=[Metric(f"{ROUND_CURVE_PREFIX}{k}", v, now, round_index)
+                                             for k, v in sorted(numeric.items())])
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return run.info.run_id

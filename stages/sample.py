@@ -1,6 +1,8 @@
 """Stage ``sample``: draw G-image groups per prompt with the base model, storing full DDIM trajectories.
 
-Reads params ``model``, ``sampling``, ``sample`` and ``label.source``; writes ``data/trajectories``
+Reads params ``model``, ``sampling``, ``sample`` and ``label.source``; with ``sample.lora`` the policy that
+samples is the base with that LoRA loaded (a stage-based round r puts round r-1's LoRA in ``models/policy``,
+a dependency of this stage, and sets ``sample.lora: models/policy``); writes ``data/trajectories``
 (safetensors shards, index.json, PNGs). When ``label.source`` imports its pairs (``pickapic``) nothing
 reads sampled chains, so none are drawn: the directory then holds only ``not_sampled.json`` with the reason
 (DVC 3 cannot make the label stage's dependencies conditional on a param value, see the README).
@@ -8,14 +10,22 @@ reads sampled chains, so none are drawn: the directory then holds only ``not_sam
 
 from __future__ import annotations
 
+import sys
+
 from stages._common import load_or_exit, say, tracked, workspace
 
 
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
+    from prefdiff.sampling.dataset import policy_lora_dir, sample_dataset
+
+    lora_dir = policy_lora_dir(params, paths.root)
+    if lora_dir is not None and not lora_dir.is_dir():
+        print(f"error: sample.lora = {params.sample.lora!r}: {lora_dir} is not a directory; allowed: null (the "
+              "base) or a diffusers-format LoRA dir such as models/policy", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     from prefdiff.data.trajectories import TrajectoryStore, write_not_sampled
-    from prefdiff.sampling.dataset import sample_dataset
 
     with tracked("sample", params, paths, ("model", "sampling", "sample")) as log_metrics:
         if params.label.source == "pickapic":

@@ -8,12 +8,32 @@ writes ``models/trained`` (final LoRA, or the full UNet under ``unet/``, plus ep
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 from stages._common import load_or_exit, say, tracked, workspace
+
+if TYPE_CHECKING:
+    from prefdiff.config import Params
+
+
+def refusal(params: Params) -> str | None:
+    """Why this stage cannot train with ``params`` (None: it can). One round starts from ``train.init_lora``,
+    so a previous-round reference without one would silently be the base (the rounds stage has its own)."""
+    tp = params.train
+    if tp.reference == "previous_round" and not tp.init_lora:
+        return ("train.reference = 'previous_round' needs train.init_lora in the train stage (the LoRA the round "
+                "starts from); allowed: set train.init_lora, or train.reference: base")
+    return None
 
 
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
+    why = refusal(params)
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
     from prefdiff.training.fit import fit
 

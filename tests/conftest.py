@@ -17,7 +17,7 @@ from prefdiff.profile import merged
 REPO = Path(__file__).resolve().parents[1]
 # What a workspace needs to run the pipeline: the code, the pipeline definition and the DVC config.
 WORKSPACE_ITEMS = ("prefdiff", "stages", "evaluation", "flows", "data/imports", "data/labels/README.md",
-                   "data/labels/.gitignore", "registry/baseline.json", "dvc.yaml",
+                   "data/labels/.gitignore", "registry/baseline.json", "models/policy", "dvc.yaml",
                    "params.yaml", "pyproject.toml")
 
 # Small enough that the five stages take seconds each on 2 CPU cores (imports dominate).

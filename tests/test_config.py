@@ -36,7 +36,9 @@ def test_shipped_params_are_valid():
         ({"sample": {"prompt_set": "birds"}}, ["sample.prompt_set", "birds", "animals45, animals_heldout"]),
         ({"model": {"source": "builtin:huge"}}, ["model.source", "builtin:huge", "builtin:tiny-sd"]),
         ({"model": {"device": "gpu0"}}, ["model.device", "gpu0", "cuda:N"]),
-        ({"train": {"reference": "previous_round"}}, ["previous_round", "init_lora"]),
+        ({"rounds": {"count": 0}}, ["rounds.count", "0", "greater than or equal to 1"]),
+        ({"rounds": {"eval_every": 0}}, ["rounds.eval_every", "0", "greater than or equal to 1"]),
+        ({"rounds": {"groups": 4}}, ["rounds.groups", "unknown key", "count, groups_per_round, eval_every"]),
         ({"train": {"reference": "teacher"}}, ["train.reference", "teacher", "'base' or 'previous_round'"]),
     ],
 )

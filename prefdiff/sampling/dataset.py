@@ -1,10 +1,16 @@
-"""The sample stage's library function: a trajectory dataset from a named prompt set."""
+"""The sample stage's library function: a trajectory dataset from a named prompt set, drawn by a policy.
+
+The policy is the base model, or the base with a LoRA loaded (``sample.lora``): in D3PO's Algorithm 1 each
+round samples from the policy the previous round trained. ``write_trajectories`` is the part the rounds
+loop shares: it samples with the pipeline as it is (adapters and all) and records which policy that was.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prefdiff.config import Params
 from prefdiff.prompts import get_prompt_set
@@ -15,26 +21,66 @@ def group_seed(base_seed: int, group_index: int) -> int:
     return base_seed * 1_000_003 + group_index
 
 
+def policy_lora_dir(params: Params, root: Path | None = None) -> Path | None:
+    """``sample.lora`` as a path (relative ones under ``root``, default the current directory), or None."""
+    if params.sample.lora is None:
+        return None
+    path = Path(params.sample.lora)
+    return path if path.is_absolute() else (root or Path.cwd()) / path
+
+
 def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], None] = print, pipe=None,
                    root: Path | None = None) -> Path:
     """Sample ``groups_per_prompt`` groups of G images for every prompt of the set; returns the index path.
 
     ``pipe``: an already loaded base pipeline of ``params.model`` (else it is loaded); ``root``: where
-    file-backed prompt sets are resolved (default: the current directory, the DVC workspace)."""
-    from prefdiff.data.trajectories import TrajectoryWriter
+    file-backed prompt sets and a relative ``sample.lora`` are resolved (default: the current directory, the
+    DVC workspace). With ``sample.lora`` the LoRA is loaded for sampling and unloaded again afterwards."""
+    from prefdiff.data.baseline import tree_sha256
     from prefdiff.models.loading import load_pipeline, model_fingerprint
-    from prefdiff.sampling.sampler import SamplingConfig, sample_groups
+    from prefdiff.models.lora import load_lora_weights
 
     sp = params.sample
+    lora_dir = policy_lora_dir(params, root)
+    if lora_dir is not None and not lora_dir.is_dir():  # before the model loads
+        raise FileNotFoundError(f"sample.lora = {sp.lora!r}: {lora_dir} is not a directory; give a diffusers-format "
+                                "LoRA dir (a train stage's models/trained) or null for the base")
     prompts = [p for p in get_prompt_set(sp.prompt_set, sp.num_prompts, root=root) for _ in range(sp.groups_per_prompt)]
     seeds = [group_seed(sp.seed, i) for i in range(len(prompts))]
     if pipe is None:
         pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
                              revision=params.model.revision)
+    if lora_dir is None:
+        return write_trajectories(pipe, prompts, seeds, params, out_dir, progress=progress)
+    base_sha256 = model_fingerprint(pipe)  # the base's, before the LoRA wraps its layers
+    load_lora_weights(pipe, lora_dir)
+    try:
+        policy = {"policy_lora": sp.lora, "policy_lora_sha256": tree_sha256(lora_dir)}
+        return write_trajectories(pipe, prompts, seeds, params, out_dir, policy=policy, base_sha256=base_sha256,
+                                  progress=progress)
+    finally:
+        pipe.unload_lora_weights()  # a caller's pipeline goes back as it came: the base
+
+
+def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Params, out_dir: Path, *,
+                       policy: dict[str, Any] | None = None, base_sha256: str | None = None,
+                       progress: Callable[[str], None] = print) -> Path:
+    """Sample one group of ``sample.images_per_group`` images per (prompt, seed) with ``pipe`` as it is (the
+    base, or with adapters loaded/attached) and write the trajectory dataset; returns the index path.
+
+    The index's ``model`` records the base (``params.model`` and the sha256 of its UNet, ``base_sha256`` when
+    the caller knows it: with adapters attached the UNet's own weights are no longer the base's alone) and
+    ``policy``: which adapter drew the samples (absent: the base itself)."""
+    from prefdiff.data.trajectories import TrajectoryWriter
+    from prefdiff.models.loading import model_fingerprint
+    from prefdiff.sampling.sampler import SamplingConfig, sample_groups
+
+    sp = params.sample
     cfg = SamplingConfig(**params.sampling.model_dump())
-    model = {**params.model.model_dump(), "unet_sha256": model_fingerprint(pipe)}
+    model = {**params.model.model_dump(), "unet_sha256": base_sha256 or model_fingerprint(pipe), **(policy or {})}
     began = time.time()
-    progress(f"sampling {len(prompts)} groups x {sp.images_per_group} images, {cfg.num_steps} DDIM steps, "
+    who = f" from {policy.get('policy_lora') or policy.get('policy')}" if policy else ""
+    progress(f"sampling {len(prompts)} groups x {sp.images_per_group} images{who}, {cfg.num_steps} DDIM steps, "
              f"eta {cfg.eta}, guidance {cfg.guidance_scale}, on {pipe.unet.device}")
 
     def report(done: int, total: int) -> None:

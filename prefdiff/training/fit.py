@@ -253,6 +253,8 @@ def fit(
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     progress: Callable[[str], None] = print,
     stop_after_steps: int | None = None,
+    model: TrainableUNet | None = None,
+    snapshots: bool = True,
 ) -> TrainSummary:
     """Train ``params.train.method`` on the labeled data; write the final weights and snapshots to ``out_dir``.
 
@@ -260,11 +262,15 @@ def fit(
     epoch snapshots under ``snapshots/``. ``checkpoint_dir`` holds ``state/`` (the latest resumable
     checkpoint) and ``snapshots/``. ``stop_after_steps`` ends the run after that many optimizer steps *of
     this call*, leaving the last checkpoint behind (to test that an interrupted run resumes to the same result).
+    ``model``: train this model, optimizer state and all, instead of a new one (the rounds loop: one model
+    through every round; it was built with the method's ``needs_reference_copy``). ``snapshots`` False writes
+    no epoch snapshots (the rounds loop keeps each round's final weights instead).
     """
     tp, name = params.train, params.train.method
     method_cls: type[Method] = resolve(TRAIN_METHODS[name])
     preferences, trajectories = _open_data(method_cls, name, trajectories_dir, preferences_dir)
-    model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
+    if model is None:
+        model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
     method = method_cls(FitContext(params, model, preferences, trajectories, progress))
     _, per_epoch = steps_per_epoch(method.items, tp)
     total_steps = per_epoch * tp.epochs
@@ -315,7 +321,7 @@ def fit(
         if log_metrics is not None:
             log_metrics({f"train/{k}": v for k, v in means.items()}, plan.step)
         progress(f"step {plan.step}/{total_steps} epoch {epoch}: " + " ".join(f"{k} {v:.5g}" for k, v in means.items()))
-        if plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
+        if snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
             with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
                 model.save(tmp)
         interrupted = stop_after_steps is not None and plan.step - start_step >= stop_after_steps

@@ -63,7 +63,9 @@ def make_optimizer(tp: TrainParams, trainable: list[torch.nn.Parameter], lr: flo
 class TrainableUNet:
     """The pipeline, its UNet prepared for training (LoRA or full), the optimizer and the reference."""
 
-    def __init__(self, params: Params, *, need_reference_copy: bool, progress=print) -> None:
+    def __init__(self, params: Params, *, need_reference_copy: bool, progress=print, pipe=None) -> None:
+        """``pipe``: the base pipeline of ``params.model`` already loaded (the rounds loop keeps one for every
+        round), else it is loaded here."""
         from accelerate import Accelerator
 
         from prefdiff.models.loading import load_pipeline
@@ -71,8 +73,10 @@ class TrainableUNet:
         tp = params.train
         self.tp = tp
         self.accelerator = Accelerator(mixed_precision=tp.mixed_precision)
-        self.pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=str(self.accelerator.device),
-                                  revision=params.model.revision)
+        if pipe is None:
+            pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=str(self.accelerator.device),
+                                 revision=params.model.revision)
+        self.pipe = pipe.to(self.accelerator.device)
         unet = self.pipe.unet
         if tp.finetune == "lora":
             if tp.init_lora:
@@ -119,6 +123,13 @@ class TrainableUNet:
         else:  # D3PO precomputes before training: the model as it is now is the reference
             with torch.no_grad():
                 yield self.raw_unet
+
+    def refresh_reference(self) -> None:
+        """A ``previous_round`` reference copy becomes the policy as it is now: the start of the next round of
+        many in one process (D3PO Sec. 5.2: each round's model is the next round's reference)."""
+        if self.ref_unet is None or self.tp.finetune != "lora" or self.tp.reference != "previous_round":
+            return
+        lora.set_lora_state_dict(self.ref_unet, lora.lora_state_dict(self.raw_unet))
 
     def starting_reference(self):
         """Context for a one-off reference pass before the first update (D3PO's precomputed log-probs)."""
