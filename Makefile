@@ -64,10 +64,11 @@ serve: $(STAMP)
 label-server: $(STAMP)
 	$(PY) -m prefdiff.labeling.server $(ARGS)
 
-# A human-in-the-loop round (flows/human.py): sample, start the labeling page, wait for labels, then train.
+# A human-in-the-loop round (flows/human.py): sample, start the labeling page, wait for labels, then train;
+# ROUNDS=N runs N such rounds in one flow run, round r sampling from round r-1's LoRA.
 # Resume it with done: `python -m flows.human resume <flow-run-id>` (the command, with its API, is in its log).
 human-round: $(STAMP)
-	$(PY) -m flows.human --serve-labels
+	$(PY) -m flows.human --serve-labels $(if $(ROUNDS),--rounds $(ROUNDS))
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

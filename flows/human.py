@@ -20,6 +20,11 @@ Once resumed with done, the flow snapshots the log into DVC (``dvc add``; the la
 ``data/labels``) and runs the label stage, which reads the same log with the same reader as the watcher
 (``prefdiff.labeling.human.read_label_log``).
 
+With ``rounds`` > 1 the flow runs that many rounds under one MLflow parent run, each round a child run;
+before round r > 1 (``start_next_round``) it keeps round r-1's label log under its dataset's name (``dvc
+move``), copies round r-1's trained LoRA into ``models/policy`` and sets ``sample.lora`` and
+``train.init_lora`` to it, so round r samples from (and trains on from) round r-1's policy.
+
 The wait has a timeout (``timeout_seconds``): then the run fails with one line naming the label log. The
 flow never writes the log (the labeling server appends to it), so no label is lost: a later human round
 samples nothing new (DVC skips the unchanged sample stage) and its watcher counts the labels already there.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,7 +57,9 @@ from flows.round import (
     _dvc_executable,
     _flow_run_info,
     _logger,
+    _mark_failed,
     check_stages,
+    open_parent_run,
     retry_on_io_error,
     run_round,
     stream_command,
@@ -315,16 +323,21 @@ def record_labeling(repo: str, run_id: str, progress: dict[str, Any], resumed_by
         client.set_tag(run_id, "human.note", note[:4000])
 
 
+def _dvc(repo: str, *args: str) -> None:
+    """``dvc <args>`` in ``repo``, its output in the flow's log; RuntimeError with its last lines if it fails."""
+    cmd = [_dvc_executable(), *args]
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    code, lines = stream_command(cmd, repo, env)
+    if code != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` exited with {code}: " + " | ".join(lines[-5:]))
+
+
 @task(name="dvc-add-labels", cache_policy=NO_CACHE)
 def snapshot_label_log(repo: str, log: str) -> None:
     """``dvc add`` the label log: the labels this round trains on go into DVC's cache (and ``<log>.dvc``,
     for git), so a later round or a crash cannot lose them. The log stays a plain, appendable file (DVC's
     default copy/reflink cache; README)."""
-    cmd = [_dvc_executable(), "add", os.path.relpath(log, repo)]
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    code, lines = stream_command(cmd, repo, env)
-    if code != 0:
-        raise RuntimeError(f"`dvc add {cmd[-1]}` exited with {code}: " + " | ".join(lines[-5:]))
+    _dvc(repo, "add", os.path.relpath(log, repo))
 
 
 def wait_for_labels(root: Path, run_id: str, hp: HumanLabelParams, *, timeout_seconds: int, poll_seconds: int,
@@ -393,6 +406,96 @@ def wait_for_labels(root: Path, run_id: str, hp: HumanLabelParams, *, timeout_se
 # --------------------------------------------------------------------------------------------------
 
 
+POLICY_DIR = "models/policy"  # a dependency of the sample stage (dvc.yaml): the LoRA round r > 1 samples from
+POLICY_KEPT = frozenset({"README.md", ".gitignore"})  # git's files there; the rest is the copied LoRA
+# Round r > 1 samples from round r-1's policy and trains on from it (D3PO Algorithm 1, as the one-process
+# rounds loop, whose LoRA carries over); train.reference stays as params say: base, or previous_round = the
+# policy the round starts from (D3PO Sec. 5.2).
+NEXT_ROUND_PARAMS = {"sample.lora": POLICY_DIR, "train.init_lora": POLICY_DIR}
+MAX_ROUNDS = 1000
+
+
+def check_rounds(rounds: int, todo: list[str], params: Any) -> None:
+    """``rounds`` and what many rounds need: every round samples and trains (round r samples from round r-1's
+    trained LoRA), LoRA fine-tuning, and a train stage that can start round 1 (``stages.train.refusal``)."""
+    from stages.train import refusal
+
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_ROUNDS:
+        raise ValueError(f"rounds = {rounds!r}: allowed: an integer 1..{MAX_ROUNDS}")
+    if rounds > 1:
+        missing = [s for s in ("sample", "train") if s not in todo]
+        if missing:
+            raise ValueError(f"rounds = {rounds}: round r samples from round r-1's trained LoRA, so every round "
+                             f"needs the sample and train stages; stages {todo} lack {missing}")
+        if params.train.finetune != "lora":
+            raise ValueError(f"rounds = {rounds}: round r samples from round r-1's LoRA (sample.lora); "
+                             f"train.finetune = {params.train.finetune!r}; allowed: lora")
+    if "train" in todo and (why := refusal(params)) is not None:
+        raise ValueError(why)
+
+
+def kept_log_path(log: Path, dataset_sha256: str) -> Path:
+    """Where a round's label log is kept once the next round samples: named by the trajectory dataset its
+    header names (unique per round's samples, also across flow runs), beside the live log."""
+    return log.with_name(f"{log.stem}-{dataset_sha256[:16]}{log.suffix}")
+
+
+@task(name="next-human-round", cache_policy=NO_CACHE)
+def start_next_round(repo: str, round_index: int, label_log: str) -> dict[str, str | None]:
+    """Before round ``round_index`` > 1: keep round r-1's label log ``label_log`` (``dvc move`` to
+    ``kept_log_path``: file and ``.dvc`` together, so the next round's server starts a new log for its new
+    samples), copy round r-1's trained LoRA (``models/trained``) into ``models/policy`` and set
+    ``NEXT_ROUND_PARAMS`` in params.yaml.
+    Returns ``{"kept_log", "policy"}`` (paths relative to ``repo``)."""
+    from prefdiff.data.trajectories import TrajectoryStore
+    from prefdiff.models.lora import LORA_WEIGHT_NAME
+
+    from flows.rounds import write_params
+
+    root, paths = Path(repo), Paths(Path(repo))
+    previous = round_index - 1
+    if not (paths.trained / LORA_WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"round {previous} left no LoRA in {paths.trained} ({LORA_WEIGHT_NAME}): round "
+                                f"{round_index} samples from it")
+    log, kept = Path(label_log), None
+    if log.is_file():
+        sha = TrajectoryStore.open(paths.trajectories, verify=False).index_sha256()
+        kept = kept_log_path(log, sha)
+        if kept.exists():
+            raise FileExistsError(f"{kept} exists: round {previous}'s labels ({log}) would replace the labels kept "
+                                  "there; move one of them aside")
+        if not Path(f"{log}.dvc").is_file():
+            _dvc(repo, "add", os.path.relpath(log, repo))
+        _dvc(repo, "move", os.path.relpath(log, repo), os.path.relpath(kept, repo))
+    policy = root / POLICY_DIR
+    policy.mkdir(parents=True, exist_ok=True)
+    for old in policy.iterdir():
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.name not in POLICY_KEPT:
+            old.unlink()
+    for item in paths.trained.iterdir():  # the final LoRA; its epoch snapshots (subdirectories) stay behind
+        if item.is_file():
+            shutil.copy2(item, policy / item.name)
+    write_params(repo, NEXT_ROUND_PARAMS)
+    kept_rel = os.path.relpath(kept, repo) if kept else None
+    _logger().info(f"round {round_index}: samples from round {previous}'s LoRA (copied to {POLICY_DIR}); round "
+                   f"{previous}'s labels kept in {kept_rel or '(no label log)'}")
+    return {"kept_log": kept_rel, "policy": POLICY_DIR}
+
+
+@task(name="log-human-round", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_io_error,
+      cache_policy=NO_CACHE)
+def log_round_curve(repo: str, parent_run_id: str, round_index: int, child_run_id: str) -> None:
+    """The round's metrics (its child run's) as the parent's per-round curves (``rounds/<metric>``)."""
+    import mlflow
+
+    from prefdiff.tracking import log_round_point, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(Path(repo)))
+    log_round_point(parent_run_id, round_index, mlflow.MlflowClient().get_run(child_run_id).data.metrics)
+
+
 def check_wait(stages: list[str] | None, timeout_seconds: int, poll_seconds: int) -> list[str]:
     """The stages of a human round (it pauses before "label", so that must be one) and the wait's settings."""
     todo = check_stages(stages)
@@ -407,30 +510,64 @@ def check_wait(stages: list[str] | None, timeout_seconds: int, poll_seconds: int
 
 @flow(name=FLOW_NAME, log_prints=True,
       description="Sample, wait for people's labels (paused; resumes on done or when every group is labeled), "
-                  "then label -> train -> heldout -> evaluate -> register, tracked in MLflow.")
+                  "then label -> train -> heldout -> evaluate -> register, tracked in MLflow; `rounds` such "
+                  "rounds, each sampling from the previous round's LoRA.")
 def human_round(repo: str | None = None, timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS,
                 poll_seconds: int = DEFAULT_POLL_SECONDS, serve_labels: bool = False,
-                stages: list[str] | None = None, run_name: str | None = None) -> dict:
-    """One human-feedback round in ``repo`` (default: this repo): the DVC stages of ``stages`` (default all
-    six) as in ``preference_round``, with a wait for labels before "label" (see the module docstring).
-    Returns preference_round's result plus ``"labeling"``: who resumed it, the note, groups labeled/total."""
+                stages: list[str] | None = None, run_name: str | None = None, rounds: int = 1) -> dict:
+    """``rounds`` human-feedback rounds in ``repo`` (default: this repo): the DVC stages of ``stages`` (default
+    all six) as in ``preference_round``, with a wait for labels before "label" (see the module docstring).
+
+    One round returns preference_round's result plus ``"labeling"``: who resumed it, the note, groups
+    labeled/total. More rounds open a parent MLflow run, each round a child run under it (``round_run_tags``)
+    whose metrics also go on the parent's ``rounds/<metric>`` curves; before round r > 1 ``start_next_round``
+    keeps round r-1's label log and makes its trained LoRA the policy. They return ``{"run_id": the parent,
+    "children": {round: run id}, "rounds": [each round's result, with "labeling" and "next"]}``."""
     root = Path(repo).resolve() if repo else REPO_ROOT
     params = load_params(Paths(root).params)  # fail fast, naming the key
     todo = check_wait(stages, timeout_seconds, poll_seconds)
+    check_rounds(rounds, todo, params)
     hp = params.label.human
     if params.label.source != "human":
         _logger().warning(f"label.source is {params.label.source!r}: the label stage will not read people's labels "
                           "(set label.source: human)")
-    labeling: dict[str, Any] = {}
 
-    def before_stage(stage: str, repo_s: str, run_id: str) -> None:
-        if stage == "label":
-            labeling.update(wait_for_labels(Path(repo_s), run_id, hp, timeout_seconds=timeout_seconds,
-                                            poll_seconds=poll_seconds, serve_labels=serve_labels))
+    def one_round(name: str | None, run_tags: dict[str, str] | None = None) -> dict:
+        labeling: dict[str, Any] = {}
 
-    result = run_round(str(root), todo, run_name, run_name_prefix=FLOW_NAME, before_stage=before_stage)
-    result["labeling"] = labeling
-    return result
+        def before_stage(stage: str, repo_s: str, run_id: str) -> None:
+            if stage == "label":
+                labeling.update(wait_for_labels(Path(repo_s), run_id, hp, timeout_seconds=timeout_seconds,
+                                                poll_seconds=poll_seconds, serve_labels=serve_labels))
+
+        result = run_round(str(root), todo, name, run_name_prefix=FLOW_NAME, before_stage=before_stage,
+                           run_tags=run_tags)
+        result["labeling"] = labeling
+        return result
+
+    if rounds == 1:
+        return one_round(run_name)
+
+    from prefdiff.tracking import round_run_tags
+
+    if run_name is None:
+        _, flow_run_name = _flow_run_info()
+        run_name = f"{FLOW_NAME}-{flow_run_name}" if flow_run_name else FLOW_NAME
+    parent = open_parent_run(str(root), params.register.experiment, run_name,
+                             {"prefdiff.round_kind": "human", "prefdiff.rounds": str(rounds)})
+    done: list[dict] = []
+    try:
+        for r in range(1, rounds + 1):
+            _logger().info(f"human round {r}/{rounds} (MLflow parent run {parent})")
+            nxt = start_next_round(str(root), r, str(label_log_path(root, hp))) if r > 1 else None
+            result = one_round(f"{run_name}-round-{r:03d}", round_run_tags(parent, r))
+            result["next"] = nxt
+            log_round_curve(str(root), parent, r, result["run_id"])
+            done.append(result)
+    except BaseException as err:
+        _mark_failed(str(root), parent, None, err, [])
+        raise
+    return {"run_id": parent, "children": {r: res["run_id"] for r, res in enumerate(done, 1)}, "rounds": done}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"how often to re-count labels (default {DEFAULT_POLL_SECONDS})")
     p.add_argument("--serve-labels", action="store_true",
                    help="start the labeling server for the wait (else run `make label-server` yourself)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="human rounds in this run, round r sampling from round r-1's trained LoRA (default 1)")
     args = p.parse_args(argv)
     args.command = "start"
     return args
@@ -541,14 +680,14 @@ def main(argv: list[str] | None = None) -> int:
     timeout_seconds = round(args.timeout_hours * 3600)
     try:
         root = Path(args.repo).resolve() if args.repo else REPO_ROOT
-        load_params(Paths(root).params)  # before the ephemeral Prefect server starts (~10 s)
-        check_wait(None, timeout_seconds, args.poll_seconds)
+        params = load_params(Paths(root).params)  # before the ephemeral Prefect server starts (~10 s)
+        check_rounds(args.rounds, check_wait(None, timeout_seconds, args.poll_seconds), params)
     except (ParamsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         human_round(repo=args.repo, timeout_seconds=timeout_seconds, poll_seconds=args.poll_seconds,
-                    serve_labels=args.serve_labels)
+                    serve_labels=args.serve_labels, rounds=args.rounds)
     except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
         print(f"\nhuman_round failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
               file=sys.stderr)

@@ -138,9 +138,11 @@ def _flow_run_info() -> tuple[str | None, str | None]:
 
 @task(name="open-parent-run", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_io_error,
       cache_policy=NO_CACHE)
-def open_parent_run(repo: str, experiment: str, run_name: str | None = None) -> str:
+def open_parent_run(repo: str, experiment: str, run_name: str | None = None,
+                    tags: dict[str, str] | None = None) -> str:
     """Create the round's MLflow run in ``experiment`` (at ``tracking_uri(repo)``), tag it with the
-    Prefect flow run, end it (the stages resume it through ``MLFLOW_RUN_ID``); return its id."""
+    Prefect flow run and ``tags`` (e.g. ``prefdiff.tracking.round_run_tags``: a round of a many-round flow),
+    end it (the stages resume it through ``MLFLOW_RUN_ID``); return its id."""
     import mlflow
 
     from prefdiff.tracking import RUN_ID_ENV, ensure_experiment, tracking_uri
@@ -152,7 +154,7 @@ def open_parent_run(repo: str, experiment: str, run_name: str | None = None) -> 
         log.warning(f"ignoring {RUN_ID_ENV}={stray} from the environment: a round always opens a new run")
     exp_id = ensure_experiment(experiment, Path(repo))
     flow_run_id, flow_run_name = _flow_run_info()
-    tags = {"prefdiff.repo": str(Path(repo).resolve())}
+    tags = {"prefdiff.repo": str(Path(repo).resolve()), **(tags or {})}
     if flow_run_id:
         tags[FLOW_RUN_TAG] = flow_run_id
     if flow_run_name:
@@ -425,12 +427,13 @@ BeforeStage = Callable[[str, str, str], None]
 
 
 def run_round(repo: str | None, stages: list[str] | None, run_name: str | None, *, run_name_prefix: str = "round",
-              before_stage: BeforeStage | None = None) -> dict:
+              before_stage: BeforeStage | None = None, run_tags: dict[str, str] | None = None) -> dict:
     """The body of a round flow (call it inside a flow run): validate params, open the MLflow parent run,
     run the DVC stages ``stages`` (default all six) in ``repo`` (default this repo) as tasks, the baseline
     resolved before evaluate and ``before_stage`` called before each stage; then log metrics, lineage and
-    artifacts from files and print the summary. Any error ends the MLflow run FAILED (naming the stage
-    when one failed) and is re-raised. Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
+    artifacts from files and print the summary. ``run_tags`` go on the round's MLflow run (``open_parent_run``).
+    Any error ends the MLflow run FAILED (naming the stage when one failed) and is re-raised.
+    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
     root = Path(repo).resolve() if repo else REPO_ROOT
     repo_s = str(root)
     params = load_params(Paths(root).params)  # fail fast, naming the key, before anything heavy
@@ -441,7 +444,7 @@ def run_round(repo: str | None, stages: list[str] | None, run_name: str | None, 
     if run_name is None:
         _, flow_run_name = _flow_run_info()
         run_name = f"{run_name_prefix}-{flow_run_name}" if flow_run_name else None
-    run_id = open_parent_run(repo_s, params.register.experiment, run_name)
+    run_id = open_parent_run(repo_s, params.register.experiment, run_name, run_tags)
 
     results: list[dict[str, Any]] = []
     current: str | None = None

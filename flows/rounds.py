@@ -14,8 +14,9 @@ versions every round's data (``data/rounds``) and the curves. The flow:
    were resumed from an earlier run) from their ``round.json``, lineage, the per-round curves (plots/rounds.png,
    the CSVs) and metrics/rounds.json as artifacts.
 
-Human-labeled rounds cannot run in one process (people label between rounds): they run one flow run per
-round, the sample stage drawing from the previous round's LoRA (``sample.lora``).
+Human-labeled rounds cannot run in one process (people label between rounds): ``flows.human.human_round``
+with ``rounds`` runs them through the stages, the sample stage drawing from the previous round's LoRA
+(``sample.lora``), each round a child run of its parent run too.
 
 Run: ``make rounds`` (= ``python -m flows.rounds``), ``python -m flows.rounds --rounds 50``.
 """
@@ -23,7 +24,6 @@ Run: ``make rounds`` (= ``python -m flows.rounds``), ``python -m flows.rounds --
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,49 +32,39 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.round import _flow_run_info, _logger, _mark_failed, open_parent_run, retry_on_io_error, run_stage, ui_hint
-from prefdiff.config import ParamsError, load_params
+from prefdiff.config import ParamsError, load_params, with_param_values
 from prefdiff.paths import REPO_ROOT, Paths
 
 ROUNDS_STAGE = "pipelines/rounds/dvc.yaml:rounds"
-_SECTION = re.compile(r"rounds:\s*(#.*)?")
-_COUNT = re.compile(r"(\s+count:\s*)(\d+)(.*)")
-
-
 def with_round_count(text: str, count: int) -> str:
     """params.yaml's text with ``rounds.count`` set to ``count``, every other byte (comments too) unchanged.
     Raises ParamsError when the file has no ``rounds:`` section with a ``count:`` line."""
-    lines = text.split("\n")
-    start = next((i for i, line in enumerate(lines) if _SECTION.fullmatch(line)), None)
-    if start is not None:
-        for i in range(start + 1, len(lines)):
-            line = lines[i]
-            if line.strip() and not line[0].isspace() and not line.startswith("#"):
-                break  # the next section
-            match = _COUNT.fullmatch(line)
-            if match:
-                lines[i] = f"{match.group(1)}{count}{match.group(3)}"
-                return "\n".join(lines)
-    raise ParamsError("params.yaml: no rounds.count to set; add the rounds section (params.yaml of the repository, "
-                      "README \"Many rounds\")")
+    return with_param_values(text, {"rounds.count": str(count)})
 
 
-@task(name="set-round-count", cache_policy=NO_CACHE)
-def set_round_count(repo: str, count: int) -> bool:
-    """``rounds.count = count`` in ``repo``'s params.yaml (validated before it is written); True if it changed."""
+def write_params(repo: str, values: dict[str, str]) -> bool:
+    """Set ``values`` (``{"section.key": YAML value text}``) in ``repo``'s params.yaml, keeping every comment;
+    the result is validated before it is written. True if the file changed."""
+    import yaml
+
     from prefdiff.config import parse_params
     from prefdiff.data.atomic import atomic_write_text
 
     path = Paths(Path(repo)).params
     text = path.read_text()
-    new = with_round_count(text, count)
-    import yaml
-
-    parse_params(yaml.safe_load(new), f"{path} with rounds.count = {count}")
+    new = with_param_values(text, values)
+    parse_params(yaml.safe_load(new), f"{path} with " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     if new == text:
         return False
     atomic_write_text(path, new)
-    _logger().info(f"params.yaml: rounds.count = {count}")
+    _logger().info("params.yaml: " + ", ".join(f"{k} = {v}" for k, v in values.items()))
     return True
+
+
+@task(name="set-round-count", cache_policy=NO_CACHE)
+def set_round_count(repo: str, count: int) -> bool:
+    """``rounds.count = count`` in ``repo``'s params.yaml (validated before it is written); True if it changed."""
+    return write_params(repo, {"rounds.count": str(count)})
 
 
 @task(name="log-rounds", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on_io_error,

@@ -575,3 +575,38 @@ def load_params(path: Path) -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     return parse_params(data, str(path))
+
+
+_KEY_LINE = re.compile(r"(?P<indent>\s+)(?P<key>[A-Za-z_][\w-]*):(?P<space>\s*)(?P<value>[^#\s](?:[^#]*[^#\s])?)?"
+                       r"(?P<rest>\s*(?:#.*)?)")
+
+
+def with_param_values(text: str, values: dict[str, str]) -> str:
+    """params.yaml's ``text`` with each ``"section.key"`` of ``values`` set to its YAML value text (e.g.
+    ``{"sample.lora": "models/policy"}``), every other byte, comments too, unchanged: what a flow writes stays
+    a reviewable one-line diff. Only a key directly under its top-level section is set. Raises ParamsError
+    naming a key that has no line to set (the caller validates the result with ``parse_params``)."""
+    lines = text.split("\n")
+    for dotted, value in values.items():
+        section, _, key = dotted.partition(".")
+        start = next((i for i, line in enumerate(lines) if re.fullmatch(rf"{re.escape(section)}:\s*(#.*)?", line)),
+                     None)
+        found = False
+        if start is not None and key:
+            indent = None  # the section's own keys' indentation: deeper lines belong to a subsection
+            for i in range(start + 1, len(lines)):
+                line = lines[i]
+                if line.strip() and not line[0].isspace() and not line.startswith("#"):
+                    break  # the next section
+                match = _KEY_LINE.fullmatch(line)
+                if match is None:
+                    continue
+                indent = match["indent"] if indent is None else indent
+                if match["indent"] == indent and match["key"] == key and match["value"] is not None:
+                    lines[i] = f"{indent}{key}:{match['space'] or ' '}{value}{match['rest']}"
+                    found = True
+                    break
+        if not found:
+            raise ParamsError(f"params.yaml: no {dotted} line to set; add `{key}:` under `{section}:` "
+                              "(params.yaml of the repository)")
+    return "\n".join(lines)

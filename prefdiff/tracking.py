@@ -270,13 +270,34 @@ def round_runs(parent_run_id: str) -> dict[int, str]:
     return {int(run.data.tags[ROUND_TAG]): run.info.run_id for run in children if ROUND_TAG in run.data.tags}
 
 
+def round_run_tags(parent_run_id: str, round_index: int) -> dict[str, str]:
+    """The tags that make a run round ``round_index`` of ``parent_run_id`` (nested in the UI; ``round_runs``)."""
+    return {PARENT_RUN_TAG: parent_run_id, ROUND_TAG: str(int(round_index))}
+
+
+def log_round_point(parent_run_id: str, round_index: int, row: dict[str, Any]) -> dict[str, float]:
+    """The round's point of the parent's per-round curves: ``rounds/<metric>`` at step = the round, for every
+    finite number of ``row`` (but ``round``). Returns those numbers by their own names."""
+    import math
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    numeric = {k: float(v) for k, v in row.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "round"}
+    now = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(parent_run_id, metrics=[Metric(f"{ROUND_CURVE_PREFIX}{k}", v, now, round_index)
+                                                            for k, v in sorted(numeric.items())])
+    return numeric
+
+
 def log_round_run(parent_run_id: str, row: dict[str, Any], tags: dict[str, str] | None = None) -> str:
     """One round of many as an MLflow child run of ``parent_run_id`` (nested in the UI by ``mlflow.parentRunId``,
     tagged ``prefdiff.round``): the round's numeric metrics; and the round's point of the parent's per-round
-    curves, ``rounds/<metric>`` at step = the round. Returns the child run's id.
+    curves (``log_round_point``). Returns the child run's id.
 
     The tracking URI must already point at the parent's store (``ensure_experiment``/``stage_run`` set it)."""
-    import math
     import time
 
     import mlflow
@@ -285,13 +306,10 @@ def log_round_run(parent_run_id: str, row: dict[str, Any], tags: dict[str, str] 
     client = mlflow.MlflowClient()
     round_index = int(row["round"])
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    run = client.create_run(experiment_id, run_name=f"round-{round_index:03d}", tags={
-        PARENT_RUN_TAG: parent_run_id, ROUND_TAG: str(round_index), **(tags or {})})
+    run = client.create_run(experiment_id, run_name=f"round-{round_index:03d}",
+                            tags={**round_run_tags(parent_run_id, round_index), **(tags or {})})
+    numeric = log_round_point(parent_run_id, round_index, row)
     now = int(time.time() * 1000)
-    numeric = {k: float(v) for k, v in row.items()
-               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v)) and k != "round"}
     client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(numeric.items())])
-    client.log_batch(parent_run_id, metrics=[Metric(f"{ROUND_CURVE_PREFIX}{k}", v, now, round_index)
-                                             for k, v in sorted(numeric.items())])
     client.set_terminated(run.info.run_id, status="FINISHED")
     return run.info.run_id

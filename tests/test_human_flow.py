@@ -8,6 +8,8 @@ label on the way), the flow's watcher resumes the run when every group has two l
 turns the log into the preference pairs training uses. The later rounds reuse the workspace (DVC skips the
 unchanged stages) for the operator's resume, resuming twice, done = false and the timeout, so they cost
 seconds. ~1.5 min of CPU on 2 cores (2-4 min wall while other jobs shared the machine).
+Two human rounds in one flow run get a workspace of their own (one annotator, two prompts, one epoch): six
+stage processes, 2.5-3 min wall on the shared 2-core machine, almost all of it process start-up.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from flows.human import (
     FLOW_NAME,
     LabelingStopped,
     LabelingTimeout,
+    check_rounds,
     check_wait,
     human_round,
+    kept_log_path,
     label_progress,
     parse_args,
     resume,
@@ -362,6 +366,102 @@ def test_timeout_fails_the_round_keeping_the_labels_and_resume_says_timed_out(au
 
 
 # --------------------------------------------------------------------------------------------------
+# Two human rounds in one flow run: round 2 samples from round 1's LoRA; both label logs kept
+# --------------------------------------------------------------------------------------------------
+
+
+def _wait_paused_again(flow_run_id, pauses: int, timeout: float = 240.0) -> None:
+    """Until flow run ``flow_run_id`` is Paused for the ``pauses``-th time."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            states = client.read_flow_run_states(flow_run_id)
+            if client.read_flow_run(flow_run_id).state.is_paused() and sum(
+                    s.type == StateType.PAUSED for s in states) >= pauses:
+                return
+            time.sleep(0.5)
+    raise TimeoutError(f"flow run {flow_run_id} never paused {pauses} times")
+
+
+def _log_header(path: Path) -> dict:
+    return json.loads(path.read_text().splitlines()[0])
+
+
+def test_two_human_rounds_sample_from_the_previous_round_and_keep_every_rounds_labels(prefect_harness, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from prefdiff.data.atomic import sha256_file
+    from prefdiff.data.baseline import tree_sha256
+    from prefdiff.data.trajectories import TrajectoryStore
+    from prefdiff.models.lora import LORA_WEIGHT_NAME
+    from prefdiff.tracking import PARENT_RUN_TAG, round_runs
+
+    # lean: one annotator, two prompts, one epoch (what is tested is the hand-over between rounds)
+    lean = merged(OVERRIDES, {"label": {"human": {"annotators_per_group": 1}}, "sample": {"num_prompts": 2},
+                              "train": {"epochs": 1}})
+    with isolated_mlflow(f"sqlite:///{tmp_path}/mlflow.db") as uri:
+        ws = make_workspace(tmp_path / "ws", lean)
+        paths = Paths(ws)
+
+        def annotator() -> dict:  # alice labels each round; what round 2 starts from, seen while it waits
+            flow_run_id = _wait_paused()
+            seen = {"dataset_1": TrajectoryStore.open(paths.trajectories, verify=False).index_sha256(),
+                    "labeled_1": _label_all("alice")}
+            _wait_paused_again(flow_run_id, 2)
+            seen |= {"dataset_2": TrajectoryStore.open(paths.trajectories, verify=False).index_sha256(),
+                     "trained_1": sha256_file(paths.trained / LORA_WEIGHT_NAME),  # round 2 has not trained yet
+                     "labeled_2": _label_all("alice")}
+            return seen
+
+        thread, out = _in_thread(annotator)
+        state = human_round(repo=str(ws), stages=["sample", "label", "train"], timeout_seconds=300, poll_seconds=1,
+                            serve_labels=True, run_name="human-rounds", rounds=2, return_state=True)
+        seen = _joined(thread, out)
+    assert state.is_completed(), f"flow ended {state.type}: {state.message}"
+    result = state.result()
+    n_groups = 2
+    assert sorted(seen["labeled_1"]) == sorted(seen["labeled_2"]) == list(range(n_groups))
+    assert seen["dataset_1"] != seen["dataset_2"]
+
+    # round 2 sampled from round 1's trained LoRA, copied to models/policy: the sample stage recorded its sha256
+    model_2 = TrajectoryStore.open(paths.trajectories, verify=False).index["model"]
+    assert model_2["policy_lora"] == "models/policy"
+    assert model_2["policy_lora_sha256"] == tree_sha256(ws / "models/policy")
+    assert sha256_file(ws / "models/policy" / LORA_WEIGHT_NAME) == seen["trained_1"]
+    assert result["rounds"][0]["next"] is None
+    kept = ws / f"data/labels/labels-{seen['dataset_1'][:16]}.jsonl"
+    assert result["rounds"][1]["next"] == {"kept_log": str(kept.relative_to(ws)), "policy": "models/policy"}
+    params = yaml.safe_load(paths.params.read_text())
+    assert params["sample"]["lora"] == params["train"]["init_lora"] == "models/policy"
+
+    # each round's labels kept, each in its own DVC-tracked log naming its own samples
+    assert _log_header(kept)["dataset_sha256"] == seen["dataset_1"]
+    assert _log_header(ws / LOG)["dataset_sha256"] == seen["dataset_2"]
+    for log in (kept, ws / LOG):
+        assert Path(f"{log}.dvc").is_file(), log
+        assert sum(json.loads(line)["kind"] == "label" for line in log.read_text().splitlines()) == n_groups
+
+    # one parent MLflow run, a child run per round
+    client = MlflowClient(tracking_uri=uri)
+    parent = result["run_id"]
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.tags["prefdiff.round_kind"] == "human"
+    with isolated_mlflow(uri):
+        children = round_runs(parent)
+    assert children == result["children"] and sorted(children) == [1, 2]
+    for r, run_id in children.items():
+        child = client.get_run(run_id)
+        assert child.info.status == "FINISHED" and child.data.tags[PARENT_RUN_TAG] == parent
+        assert child.info.run_name == f"human-rounds-round-{r:03d}"
+        assert child.data.metrics["human/labels"] == n_groups and "train/final_loss" in child.data.metrics
+    curve = client.get_metric_history(parent, "rounds/human/labels")
+    assert sorted((m.step, m.value) for m in curve) == [(1, n_groups), (2, n_groups)]
+
+
+# --------------------------------------------------------------------------------------------------
 # The label counter and the arguments
 # --------------------------------------------------------------------------------------------------
 
@@ -416,7 +516,29 @@ def test_wait_arguments_are_checked():
     args = parse_args(["resume", "0b6c5e1e-5c9f-4f0e-9a57-3f0d8d6a3c11", "--note", "done"])
     assert (args.command, args.flow_run_id, args.note) == ("resume", "0b6c5e1e-5c9f-4f0e-9a57-3f0d8d6a3c11", "done")
     args = parse_args(["--timeout-hours", "2", "--serve-labels"])
-    assert (args.command, args.timeout_hours, args.serve_labels, args.poll_seconds) == ("start", 2.0, True, 10)
+    assert (args.command, args.timeout_hours, args.serve_labels, args.poll_seconds, args.rounds) == (
+        "start", 2.0, True, 10, 1)
+    assert parse_args(["--rounds", "3"]).rounds == 3
+
+
+def test_rounds_are_checked_before_anything_runs():
+    from prefdiff.config import parse_params
+
+    def params(**train):
+        return parse_params(merged(yaml.safe_load((REPO / "params.yaml").read_text()), {"train": train}))
+
+    check_rounds(3, ["sample", "label", "train"], params())
+    check_rounds(1, ["sample", "label"], params())  # one round need not train
+    with pytest.raises(ValueError, match=r"rounds = 0: allowed: an integer 1\.\.1000"):
+        check_rounds(0, ["sample", "label", "train"], params())
+    with pytest.raises(ValueError, match=r"every round needs the sample and train stages; .* lack \['train'\]"):
+        check_rounds(2, ["sample", "label"], params())
+    with pytest.raises(ValueError, match="train.finetune = 'full'; allowed: lora"):
+        check_rounds(2, ["sample", "label", "train"], params(finetune="full"))
+    with pytest.raises(ValueError, match="train.reference = 'previous_round' needs train.init_lora"):
+        check_rounds(2, ["sample", "label", "train"], params(reference="previous_round"))
+    assert kept_log_path(Path("data/labels/labels.jsonl"), "ab" * 32) == Path(
+        "data/labels/labels-abababababababab.jsonl")
 
 
 def test_cli_refuses_bad_wait_settings_in_one_line():
