@@ -15,7 +15,8 @@ from stages._common import load_or_exit, refuse, say, tracked, workspace
 if TYPE_CHECKING:
     from prefdiff.config import HumanLabelParams, SimulatedLabelParams
     from prefdiff.data.trajectories import TrajectoryStore
-    from prefdiff.labeling.human import HumanPreferences, LabelLog
+    from prefdiff.labeling.human import HumanPreferences
+    from prefdiff.labeling.label_log import LabelLog
     from prefdiff.paths import Paths
     from prefdiff.scorers import Scorer
 
@@ -85,18 +86,23 @@ def _simulate(store: TrajectoryStore, judge: Scorer, sp: SimulatedLabelParams, o
 
 def _human_log(hp: HumanLabelParams, paths: Paths) -> Path:
     """``label.human.log`` as a path; refused unless inside data/labels, the directory dvc.yaml declares as
-    this stage's input (a log elsewhere would change the preferences behind DVC's back)."""
+    this stage's input (a log elsewhere would change the preferences behind DVC's back), and unless it exists
+    (a fresh clone has none until people label)."""
     log = Path(hp.log) if Path(hp.log).is_absolute() else paths.root / hp.log
     if not log.resolve().is_relative_to(paths.labels.resolve()):
         refuse(f"label.human.log {hp.log!r}: must be inside {paths.labels.relative_to(paths.root)}/, the label "
                "stage's DVC input (e.g. data/labels/labels.jsonl)")
+    if not log.is_file():
+        refuse(f"{log}: no label log here (label.human.log); label the groups first (make label-server), or set "
+               "label.source to judge, simulated or pickapic")
     return log
 
 
 def _human(store: TrajectoryStore, hp: HumanLabelParams, log_path: Path, paths: Paths) -> dict[str, float]:
     """People's labels -> the preference dataset (prefdiff.labeling.human.label_from_log); prints one summary
     line and returns the combination, agreement and (tag mode) rate metrics."""
-    from prefdiff.labeling.human import LabelLogError, label_from_log
+    from prefdiff.labeling.human import label_from_log
+    from prefdiff.labeling.label_log import LabelLogError
 
     try:
         prefs, log = label_from_log(store, log_path, paths.preferences, mode=hp.mode, tags=hp.tags,
@@ -108,8 +114,8 @@ def _human(store: TrajectoryStore, hp: HumanLabelParams, log_path: Path, paths: 
         from evaluation.rates import TaggedLabel, tag_rates
 
         # the paper's per-image rates over the counted groups; one round = this log
-        metrics |= {f"label/{k}": v for k, v in tag_rates(
-            [TaggedLabel(round=0, image_id=i, tags=t, annotator=a) for a, i, t in prefs.tagged], log.tags).items()}
+        tagged = [TaggedLabel(round=0, image_id=i, tags=t, annotator=a) for a, i, t in prefs.tagged]
+        metrics |= {f"label/{k}": v for k, v in tag_rates(tagged, log.header.tags).items()}
     say(_human_summary(prefs, log, metrics))
     return metrics
 
@@ -126,7 +132,7 @@ def _combination_metrics(prefs: HumanPreferences, log: LabelLog) -> dict[str, fl
     import math
 
     metrics: dict[str, float] = {
-        "label/effective_labels": len(log.labels), "label/undone_labels": log.num_undone,
+        "label/effective_labels": len(log.effective_labels()), "label/undone_labels": len(log.undone_labels()),
         "label/annotators": len(prefs.annotators), "label/groups_labeled": prefs.groups_labeled,
         "label/groups_left_out": prefs.groups_left_out, "label/items": prefs.items,
         "label/ties_dropped": prefs.ties_dropped, "label/splits_dropped": prefs.splits_dropped,
@@ -151,7 +157,8 @@ def _human_summary(prefs: HumanPreferences, log: LabelLog, metrics: dict[str, fl
                           for a, s in prefs.majority_agreement.items())
     rates = ", ".join(f"{k.removeprefix('label/')} {v:.3f}" for k, v in metrics.items()
                       if k.endswith("_rate"))
-    return (f"label: {len(log.labels)} human label(s) ({log.mode} mode, {log.num_undone} undone) by "
+    return (f"label: {len(log.effective_labels())} human label(s) ({log.header.mode} mode, "
+            f"{len(log.undone_labels())} undone) by "
             f"{len(prefs.annotators)} annotator(s) from {log.path.name}"
             f"{' (its torn last line ignored)' if log.torn_tail else ''}; {prefs.groups_used} of "
             f"{prefs.groups_labeled} labeled groups counted ({prefs.groups_left_out} left out: fewer than "

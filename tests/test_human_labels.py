@@ -1,6 +1,7 @@
 """People's labels -> preferences (prefdiff/labeling/human.py, the label stage with label.source: human):
-the tag-mode rule, the majority vote, kappa and the rates on hand cases; the log reader's refusals; undo;
-and the stage end to end under a real `dvc repro` in a fresh clone."""
+the tag-mode rule, the majority vote, kappa and the rates on hand cases; what the label stage refuses of a
+log (through LabelLog, the one reader); undo; and the stage end to end under a real `dvc repro` in a fresh
+clone."""
 
 from __future__ import annotations
 
@@ -12,22 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import git, make_workspace, venv_env
 from PIL import Image
 
 from prefdiff.data.preferences import PreferencePair, PreferenceStore
 from prefdiff.data.trajectories import TrajectoryGroup, TrajectoryStore, TrajectoryWriter
 from prefdiff.labeling.human import (
     COMBINATION_RULE,
-    HumanLabel,
-    LabelLogError,
     label_from_log,
     label_votes,
     preferences_from_labels,
-    read_label_log,
     tag_mode_pairs,
 )
-
-from conftest import git, make_workspace, venv_env
+from prefdiff.labeling.label_log import LabelLog, LabelLogError, PairLabel, TagLabel
 
 TAGS = ["deformed", "wrong digit", "unsafe"]
 
@@ -75,8 +73,12 @@ class Log:
         return self._write({**self._next("undo", annotator), "undoes": seq})
 
 
-def pair_label(seq: int, who: str, group: int, shown: tuple[int, int], choice: str) -> HumanLabel:
-    return HumanLabel(seq=seq, annotator=who, group_id=group, image_ids=shown, choice=choice)
+TIME, SHA = "2026-12-02T11:00:00Z", "0" * 64  # what the hand cases do not depend on
+
+
+def pair_label(seq: int, who: str, group: int, shown: tuple[int, int], choice: str) -> PairLabel:
+    return PairLabel(seq=seq, time=TIME, annotator=who, dataset_sha256=SHA, group_id=group, image_ids=shown,
+                     choice=choice)
 
 
 def groups_of(n: int, size: int = 2) -> list[dict]:
@@ -91,8 +93,8 @@ def test_tag_mode_pairs_follow_the_papers_rule():
     assert tag_mode_pairs([10, 11, 12, 13], [11, 13]) == [(10, 11), (10, 13), (12, 11), (12, 13)]
     assert tag_mode_pairs([10, 11, 12], []) == [] and tag_mode_pairs([10, 11, 12], [10, 11, 12]) == []
     # as votes over every pair of the group (1: lower id preferred, 0: higher, 0.5: same set)
-    label = HumanLabel(seq=1, annotator="a", group_id=0, image_ids=(10, 11, 12, 13),
-                       tags={10: frozenset(), 11: frozenset({"deformed"}), 12: frozenset(), 13: frozenset({"unsafe"})})
+    label = TagLabel(seq=1, time=TIME, annotator="a", dataset_sha256=SHA, group_id=0, image_ids=(10, 11, 12, 13),
+                     tags={10: (), 11: ("deformed",), 12: (), 13: ("unsafe",)})
     assert label_votes(label) == {(10, 11): 1.0, (10, 12): 0.5, (10, 13): 1.0, (11, 12): 0.0, (11, 13): 0.5,
                                   (12, 13): 1.0}
 
@@ -105,7 +107,7 @@ def test_pair_votes_are_h_in_the_pairs_id_order():
     assert label_votes(pair_label(1, "a", 6, (12, 13), "tie")) == {(12, 13): 0.5}
 
 
-def three_annotator_labels() -> list[HumanLabel]:
+def three_annotator_labels() -> list[PairLabel]:
     """Five groups of two images; a, b, c label groups 0-3, only a labels group 4."""
     return [
         pair_label(1, "a", 0, (0, 1), "first"), pair_label(2, "b", 0, (0, 1), "first"),
@@ -204,16 +206,16 @@ def test_undo_is_respected(tmp_path: Path, store: TrajectoryStore):
     first = log.pair("alice", 0, [0, 1], "first")
     log.undo("alice", first)
     log.pair("alice", 0, [0, 1], "second")  # relabeled after the undo: not a duplicate
-    g1 = log.pair("alice", 1, [3, 5], "first")
+    g1 = log.pair("alice", 1, [4, 3], "first")
     g2 = log.pair("alice", 2, [6, 7], "first")
     log.undo("alice", g2)
     log.undo("alice", g1)  # undo walks back: after g2 is undone, g1 is alice's last label
     log.pair("bob", 2, [7, 6], "tie")
-    read = read_label_log(log.path, store)
-    assert [(lab.seq, lab.annotator, lab.group_id, lab.choice) for lab in read.labels] == [
+    read = LabelLog.open(log.path, store)
+    assert [(lab.seq, lab.annotator, lab.group_id, lab.choice) for lab in read.effective_labels()] == [
         (3, "alice", 0, "second"), (8, "bob", 2, "tie")]
-    assert (read.num_records, read.num_undone, read.torn_tail) == (8, 3, False)
-    prefs = preferences_from_labels(read.labels, store.groups())
+    assert (read.last_seq, len(read.undone_labels()), read.torn_tail) == (8, 3, False)
+    prefs = preferences_from_labels(read.effective_labels(), store.groups())
     assert [(p.winner, p.loser, p.annotator) for p in prefs.pairs] == [(1, 0, 0)] and prefs.ties_dropped == 1
 
 
@@ -222,25 +224,30 @@ def test_a_log_of_other_samples_is_refused(tmp_path: Path, store: TrajectoryStor
     log = Log(tmp_path / "labels.jsonl", other.index_sha256(), "pair")
     log.pair("alice", 0, [0, 1], "first")
     with pytest.raises(LabelLogError) as err:
-        read_label_log(log.path, store)
+        label_from_log(store, log.path, tmp_path / "preferences", mode="pair", tags=TAGS, annotators_per_group=1)
     message = str(err.value)
     assert "\n" not in message and str(log.path) in message
     assert f"labels trajectory dataset {other.index_sha256()[:12]}" in message
-    assert f"{store.root / 'index.json'} is {store.index_sha256()[:12]}" in message
+    assert f"{store.root} is {store.index_sha256()[:12]}" in message
     with pytest.raises(LabelLogError, match="no label log here"):
-        read_label_log(tmp_path / "none.jsonl", store)
+        LabelLog.open(tmp_path / "none.jsonl", store)
+    assert not (tmp_path / "preferences").exists()
 
 
+# Refused as the server refuses them (LabelLog replays the log through the server's checks): pair mode labels
+# the group's first two images, in either order shown.
 @pytest.mark.parametrize(("write", "expected"), [
-    (lambda log: log.pair("a", 0, [0, 1], "first", dataset_sha256="0" * 64), "a stale label"),
-    (lambda log: log.pair("a", 0, [0, 3], "first"), "two images of group 0"),
-    (lambda log: log.pair("a", 9, [0, 1], "first"), "group_id 9"),
-    (lambda log: log.pair("a", 0, [0, 1], "left"), "choice 'left'; allowed: first, second, tie"),
-    (lambda log: (log.pair("a", 0, [0, 1], "first"), log.pair("a", 0, [1, 2], "tie")), "a second time"),
-    (lambda log: (log.pair("a", 0, [0, 1], "first"), log.undo("b", 1)), "it has no label to undo"),
+    (lambda log: log.pair("a", 0, [0, 1], "first", dataset_sha256="0" * 64), "stale dataset"),
+    (lambda log: log.pair("a", 0, [0, 3], "first"), "image 3 is not in group 0"),
+    (lambda log: log.pair("a", 0, [0, 2], "first"), "pair mode labels images 0 and 1 of group 0"),
+    (lambda log: log.pair("a", 9, [0, 1], "first"), "unknown group 9"),
+    (lambda log: log.pair("a", 0, [0, 1], "left"), "choice 'left': pair mode allows first, second or tie"),
+    (lambda log: (log.pair("a", 0, [0, 1], "first"), log.pair("a", 0, [1, 0], "tie")),
+     "duplicate: a already labeled group 0"),
+    (lambda log: (log.pair("a", 0, [0, 1], "first"), log.undo("b", 1)), "nothing to undo: b has no label left"),
     (lambda log: (log.pair("a", 0, [0, 1], "first"), log.pair("a", 1, [3, 4], "tie"), log.undo("a", 1)),
-     "its last label is seq 2"),
-    (lambda log: log.tag("a", 0, [0, 1, 2], {}), "mode 'tag' in a pair-mode log"),
+     "undoes 1, but a's last label is #2"),
+    (lambda log: log.tag("a", 0, [0, 1, 2], {}), "mode 'tag': this log is in pair mode"),
     (lambda log: (log.pair("a", 0, [0, 1], "first"), setattr(log, "seq", 5), log.pair("b", 0, [0, 1], "tie")),
      "seq 6, expected 2"),
 ])
@@ -248,39 +255,52 @@ def test_bad_records_are_refused_naming_the_line(tmp_path: Path, store: Trajecto
     log = Log(tmp_path / "labels.jsonl", store.index_sha256(), "pair")
     write(log)
     with pytest.raises(LabelLogError) as err:
-        read_label_log(log.path, store)
+        label_from_log(store, log.path, tmp_path / "preferences", mode="pair", tags=TAGS, annotators_per_group=1)
     assert expected in str(err.value) and f"{log.path}:" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_only_a_torn_last_line_is_ignored(tmp_path: Path, store: TrajectoryStore):
     log = Log(tmp_path / "labels.jsonl", store.index_sha256(), "tag")
     log.tag("a", 0, [0, 1, 2], {1: ["deformed"]})
+    intact = log.path.read_bytes()
+    out = tmp_path / "preferences"
     with open(log.path, "a") as f:
         f.write('{"kind": "label", "seq": 2, "annot')  # a crash mid-write: never acknowledged
-    read = read_label_log(log.path, store, mode="tag", tags=TAGS)
-    assert read.torn_tail and len(read.labels) == 1
-    with open(log.path, "a") as f:
-        f.write("\n")  # the same bytes, now a complete line: corrupt, refused
-    with pytest.raises(LabelLogError, match=r"labels.jsonl:3: not a JSON object"):
-        read_label_log(log.path, store)
-    with pytest.raises(LabelLogError, match="written in tag mode, but label.human.mode is pair"):
-        read_label_log(Log(tmp_path / "t.jsonl", store.index_sha256(), "tag").path, store, mode="pair")
-    with pytest.raises(LabelLogError, match="labeled with tags"):
-        read_label_log(Log(tmp_path / "u.jsonl", store.index_sha256(), "tag").path, store, tags=["deformed"])
+    prefs, read = label_from_log(store, log.path, out, mode="tag", tags=TAGS, annotators_per_group=1)
+    assert read.torn_tail and len(read.effective_labels()) == 1 and len(prefs.pairs) == 2
+    # A whole record without its newline is ignored too: the server writes line + newline in one write and
+    # acknowledges after the fsync, so a record lacking the newline was never acknowledged.
+    unacknowledged = {"kind": "label", "seq": 2, "time": TIME, "annotator": "b", "dataset_sha256": store.index_sha256(),
+                      "group_id": 1, "mode": "tag", "image_ids": [3, 4, 5], "tags": {"3": [], "4": [], "5": ["unsafe"]}}
+    log.path.write_bytes(intact + json.dumps(unacknowledged).encode())
+    read = LabelLog.open(log.path, store)
+    assert read.torn_tail and [lab.annotator for lab in read.effective_labels()] == ["a"]
+    assert read.replayed_sha256 == LabelLog.open(log.path.rename(tmp_path / "x.jsonl"), store).replayed_sha256
+    (tmp_path / "x.jsonl").write_bytes(intact + b'{"kind": "label", "seq": 2, "annot\n')  # complete, corrupt line
+    with pytest.raises(LabelLogError, match=r"x.jsonl:3: malformed record \(Unterminated string"):
+        label_from_log(store, tmp_path / "x.jsonl", out, mode="tag", tags=TAGS, annotators_per_group=1)
+    with pytest.raises(LabelLogError, match=r"t.jsonl: was written in tag mode with tags .*, but pair mode"):
+        label_from_log(store, Log(tmp_path / "t.jsonl", store.index_sha256(), "tag").path, out, mode="pair",
+                       tags=TAGS, annotators_per_group=1)
+    with pytest.raises(LabelLogError, match=r"but tag mode with tags \['deformed'\] is configured"):
+        label_from_log(store, Log(tmp_path / "u.jsonl", store.index_sha256(), "tag").path, out, mode="tag",
+                       tags=["deformed"], annotators_per_group=1)
+    # the tags' order is only the page's key order: the same tags in another order are the same settings
+    LabelLog.open(tmp_path / "u.jsonl", store).check_settings("tag", TAGS[::-1])
 
 
 def test_label_from_log_writes_the_dataset_and_refuses_one_without_pairs(tmp_path: Path, store: TrajectoryStore):
     log = Log(tmp_path / "labels.jsonl", store.index_sha256(), "pair")
-    log.pair("alice", 1, [5, 3], "first")
+    log.pair("alice", 1, [4, 3], "first")
     log.pair("bob", 2, [6, 7], "tie")
     out = tmp_path / "data" / "preferences"
     prefs, read = label_from_log(store, log.path, out, mode="pair", tags=TAGS, annotators_per_group=1)
     stored = PreferenceStore.open(out)
     stored.check_trajectories(store)
-    assert stored.pairs == prefs.pairs == [PreferencePair(group_id=1, prompt="digit 1", winner=5, loser=3,
+    assert stored.pairs == prefs.pairs == [PreferencePair(group_id=1, prompt="digit 1", winner=4, loser=3,
                                                           winner_score=1.0, loser_score=0.0, tie=False, annotator=0)]
     meta = stored.index["annotators"]
-    assert meta["combination"] == COMBINATION_RULE and meta["log_sha256"] == read.sha256
+    assert meta["combination"] == COMBINATION_RULE and meta["log_sha256"] == read.replayed_sha256
     assert meta["dataset_sha256"] == store.index_sha256() and stored.index["judge"]["name"] == "human"
     assert [a["name"] for a in meta["annotators"]] == ["alice", "bob"] and meta["ties_dropped"] == 1
     with pytest.raises(LabelLogError, match=r"no preference pair to train on: 2 effective label\(s\) over 2 group"):
@@ -406,4 +426,4 @@ def test_label_stage_with_human_labels_under_dvc_repro(tmp_path: Path, mlflow_ur
     log.tag("bob", 2, g2, {})
     status = _run(ws, DVC, "status", "label")
     assert "modified:           data/labels" in status.stdout, status.stdout
-    assert len(read_label_log(log.path, store).labels) == 10
+    assert len(LabelLog.open(log.path, store).effective_labels()) == 10

@@ -117,8 +117,9 @@ def test_one_writer_the_right_dataset_and_the_configured_mode(tmp_path: Path, st
     LabelLog.open(path, store)  # reading while it is written is fine
     writer.close()
     LabelLog.open(path, store, writer=True).close()  # the lock went with the writer
-    with pytest.raises(LabelLogError, match=r"labels trajectory dataset [0-9a-f]{12}…, but data/trajectories is "
-                                            r"[0-9a-f]{12}… \(re-sampled\?\); move the old log aside"):
+    with pytest.raises(LabelLogError, match=rf"labels trajectory dataset {store.index_sha256()[:12]}… "
+                                            rf"\(data/trajectories\), but {store3.root} is "
+                                            rf"{store3.index_sha256()[:12]}… \(re-sampled\?\); move the old log"):
         LabelLog.open(path, store3)
     with pytest.raises(LabelLogError, match="was written in pair mode with tags \\['deformed'\\], but tag mode"):
         LabelLog.open_or_create(path, store, mode="tag", tags=["deformed"])

@@ -160,7 +160,13 @@ def calibrate_temperature(margins: Sequence[float], accuracy: float) -> float:
     return math.sqrt(lo * hi)
 
 
-def _uniforms(seed: int, annotator: int, group_id: int, id_a: int, id_b: int) -> tuple[float, float]:
+def probability_first(difference: float, temperature: float | None, bias: float) -> float:
+    """P(first) of Eq. (1) for ``difference`` = u_first - u_second; with no temperature (the judge decides
+    none of the annotator's pairs) the bias alone decides."""
+    return sigmoid((difference / temperature if temperature is not None else 0.0) + bias)
+
+
+def uniforms(seed: int, annotator: int, group_id: int, id_a: int, id_b: int) -> tuple[float, float]:
     """Two uniforms in [0, 1) (which image is shown first, the choice), a pure function of the integers.
 
     SHA-256 of their 8-byte little-endian encodings, as ``prefdiff.training.fit.rng`` seeds its
@@ -203,13 +209,12 @@ def simulate_annotators(
     tallies = [_Tally() for _ in annotators]
     for p, k in zip(judged, k_of):
         low, high = min(p.winner, p.loser), max(p.winner, p.loser)
-        u_position, u_choice = _uniforms(seed, k, p.group_id, low, high)
+        u_position, u_choice = uniforms(seed, k, p.group_id, low, high)
         first, second = (low, high) if u_position < 0.5 else (high, low)
         # utility difference u_first - u_second: the judge's margin, signed by who is shown first
         margin = abs(p.winner_score - p.loser_score)
         difference = 0.0 if p.tie else (margin if first == p.winner else -margin)
-        tau = temperatures[k]
-        p_first = sigmoid((difference / tau if tau is not None else 0.0) + annotators[k].bias)
+        p_first = probability_first(difference, temperatures[k], annotators[k].bias)
         chosen, other = (first, second) if u_choice < p_first else (second, first)
         score = {p.winner: p.winner_score, p.loser: p.loser_score}
         pairs.append(PreferencePair(group_id=p.group_id, prompt=p.prompt, winner=chosen, loser=other,
@@ -258,5 +263,5 @@ def label_with_annotators(
 
 __all__ = [
     "ASSIGNMENT", "Annotator", "AnnotatorReport", "SimulatedLabels", "calibrate_temperature", "label_with_annotators",
-    "sigmoid", "simulate_annotators",
+    "probability_first", "sigmoid", "simulate_annotators", "uniforms",
 ]

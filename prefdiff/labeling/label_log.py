@@ -84,14 +84,25 @@ class LogHeader:
 
 
 @dataclass(frozen=True)
-class PairLabel:
-    """``annotator`` preferred image_ids[0] (choice first), image_ids[1] (second), or neither (tie)."""
+class _LabelRecord:
+    """The keys every label record has (the contract), whatever its mode."""
 
     seq: int
     time: str
     annotator: str
     dataset_sha256: str
     group_id: int
+
+    def _json(self, mode: str, image_ids: Sequence[int], **by_mode: Any) -> dict[str, Any]:
+        return {"kind": "label", "seq": self.seq, "time": self.time, "annotator": self.annotator,
+                "dataset_sha256": self.dataset_sha256, "group_id": self.group_id, "mode": mode,
+                "image_ids": list(image_ids), **by_mode}
+
+
+@dataclass(frozen=True)
+class PairLabel(_LabelRecord):
+    """``annotator`` preferred image_ids[0] (choice first), image_ids[1] (second), or neither (tie)."""
+
     image_ids: tuple[int, int]  # in the order shown: (first = left, second = right)
     choice: str  # first | second | tie
 
@@ -103,20 +114,13 @@ class PairLabel:
         return D3PO_H[self.choice]
 
     def as_json(self) -> dict[str, Any]:
-        return {"kind": "label", "seq": self.seq, "time": self.time, "annotator": self.annotator,
-                "dataset_sha256": self.dataset_sha256, "group_id": self.group_id, "mode": "pair",
-                "image_ids": list(self.image_ids), "choice": self.choice}
+        return self._json("pair", self.image_ids, choice=self.choice)
 
 
 @dataclass(frozen=True)
-class TagLabel:
+class TagLabel(_LabelRecord):
     """``annotator`` looked at every image of the group and gave each its tags (none = looked at and fine)."""
 
-    seq: int
-    time: str
-    annotator: str
-    dataset_sha256: str
-    group_id: int
     image_ids: tuple[int, ...]  # all G images of the group, in the order shown
     tags: Mapping[int, tuple[str, ...]]  # image id -> its tags, for every id of image_ids
 
@@ -131,9 +135,7 @@ class TagLabel:
         return tuple(i for i in self.image_ids if self.tags[i])
 
     def as_json(self) -> dict[str, Any]:
-        return {"kind": "label", "seq": self.seq, "time": self.time, "annotator": self.annotator,
-                "dataset_sha256": self.dataset_sha256, "group_id": self.group_id, "mode": "tag",
-                "image_ids": list(self.image_ids), "tags": {str(i): list(self.tags[i]) for i in self.image_ids}}
+        return self._json("tag", self.image_ids, tags={str(i): list(self.tags[i]) for i in self.image_ids})
 
 
 Label = PairLabel | TagLabel
@@ -206,6 +208,9 @@ class LabelLog:
         self._labeled: dict[str, dict[int, int]] = {}  # annotator -> group_id -> seq of its effective label
         self._count = [0] * len(self._groups)  # effective labels per group
         self._holds: dict[str, int] = {}  # annotator -> the group it was last served (not persisted)
+        # what open() replayed (the label stage records the hash in the preference dataset it builds)
+        self.replayed_sha256 = hashlib.sha256(b"").hexdigest()  # of the complete lines replayed
+        self.torn_tail = False  # bytes after the last newline were ignored (a torn, unacknowledged write)
 
     # -- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -238,7 +243,9 @@ class LabelLog:
         """Replay ``path`` for ``store``; refuses a log of another dataset, a corrupt line or a broken sequence.
 
         ``writer=True`` also takes the log's exclusive lock (a second writer is refused) and truncates a torn
-        last line. Readers never modify the file.
+        last line. Readers never modify the file. A last line without its newline is ignored (``torn_tail``) even
+        when it parses: the writer appends line and newline in one write and acknowledges only after the fsync,
+        so such bytes were never acknowledged.
         """
         path = Path(path)
         if not path.is_file():
@@ -253,12 +260,15 @@ class LabelLog:
             header = _parse_header(path, lines[0])
             if header.dataset_sha256 != store.index_sha256():
                 raise LabelLogError(
-                    f"{path}: labels trajectory dataset {header.dataset_sha256[:12]}…, but {header.trajectories} is "
-                    f"{store.index_sha256()[:12]}… (re-sampled?); move the old log aside or label the dataset it names")
+                    f"{path}: labels trajectory dataset {header.dataset_sha256[:12]}… ({header.trajectories}), but "
+                    f"{store.root} is {store.index_sha256()[:12]}… (re-sampled?); move the old log aside or label "
+                    "the dataset it names")
             log = cls(path, header, store.groups(), annotators_per_group=annotators_per_group, annotators=annotators)
             for lineno, raw in enumerate(lines[1:], start=2):
                 log._replay(lineno, raw)
             log._size = len(complete)
+            log.replayed_sha256 = hashlib.sha256(complete).hexdigest()
+            log.torn_tail = len(data) > len(complete)
             if fd is not None and len(data) > len(complete):  # never acknowledged (acks follow the fsync): drop
                 os.ftruncate(fd, len(complete))
                 os.fsync(fd)
@@ -278,12 +288,21 @@ class LabelLog:
             return cls.create(path, store, mode=mode, tags=tags, trajectories=trajectories,
                               annotators_per_group=annotators_per_group, annotators=annotators)
         log = cls.open(path, store, writer=True, annotators_per_group=annotators_per_group, annotators=annotators)
-        if log.header.mode != mode or (mode == "tag" and log.header.tags != tuple(tags)):
+        try:
+            log.check_settings(mode, tags)
+        except LabelLogError:
             log.close()
-            raise LabelLogError(
-                f"{path}: was written in {log.header.mode} mode with tags {list(log.header.tags)}, but "
-                f"{mode} mode with tags {list(tags)} is configured; label with the log's settings or use another log")
+            raise
         return log
+
+    def check_settings(self, mode: str, tags: Sequence[str]) -> None:
+        """Refuse a log made under other settings (params ``label.human``): labels of another mode, or in tag mode
+        other tags, mean something else. The tags' order only orders the page's keys."""
+        if self.header.mode != mode or (mode == "tag" and set(self.header.tags) != set(tags)):
+            raise LabelLogError(
+                f"{self.path}: was written in {self.header.mode} mode with tags {list(self.header.tags)}, but {mode} "
+                f"mode with tags {list(tags)} is configured (label.human.mode, label.human.tags); label with the "
+                "log's settings or use another log")
 
     def close(self) -> None:
         with self._lock:
