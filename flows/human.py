@@ -18,7 +18,7 @@ It continues when
 
 Once resumed with done, the flow snapshots the log into DVC (``dvc add``; the label stage depends on
 ``data/labels``) and runs the label stage, which reads the same log with the same reader as the watcher
-(``prefdiff.labeling.human.read_label_log``).
+(``prefdiff.labeling.label_log.LabelLog``).
 
 With ``rounds`` > 1 the flow runs that many rounds under one MLflow parent run, each round a child run;
 before round r > 1 (``start_next_round``) it keeps round r-1's label log under its dataset's name (``dvc
@@ -69,7 +69,7 @@ from prefdiff.paths import REPO_ROOT, Paths
 
 if TYPE_CHECKING:
     from prefdiff.config import HumanLabelParams
-    from prefdiff.labeling.human import TrajectoryIndex
+    from prefdiff.data.trajectories import TrajectoryStore
 
 FLOW_NAME = "human-round"
 DEFAULT_TIMEOUT_SECONDS = 24 * 3600
@@ -120,22 +120,21 @@ class LabelProgress:
                 f"({self.labels} labels{who}) in {self.log}")
 
 
-def label_progress(log: Path, store: TrajectoryIndex, hp: HumanLabelParams) -> LabelProgress:
+def label_progress(log: Path, store: TrajectoryStore, hp: HumanLabelParams) -> LabelProgress:
     """The groups of ``store`` whose effective labels in ``log`` come from at least
     ``hp.annotators_per_group`` annotators (an annotator labels a group at most once). A missing log is no
     labels yet; any other unusable log (another dataset, mode or tags, a corrupt line) raises the reader's
-    ``prefdiff.labeling.human.LabelLogError``, exactly as the label stage would."""
-    from prefdiff.labeling.human import read_label_log
+    ``prefdiff.labeling.label_log.LabelLogError``, exactly as the label stage would."""
+    from prefdiff.labeling.label_log import LabelLog
 
     total, needed = len(store.groups()), hp.annotators_per_group
     if not log.is_file():
         return LabelProgress(0, total, needed, 0, (), str(log))
-    labels = read_label_log(log, store, mode=hp.mode, tags=hp.tags).labels
-    by_group: dict[int, set[str]] = {}
-    for label in labels:
-        by_group.setdefault(label.group_id, set()).add(label.annotator)
-    labeled = sum(1 for annotators in by_group.values() if len(annotators) >= needed)
-    return LabelProgress(labeled, total, needed, len(labels), tuple(sorted({la.annotator for la in labels})), str(log))
+    label_log = LabelLog.open(log, store, annotators_per_group=needed)
+    label_log.check_settings(hp.mode, hp.tags)
+    labels = label_log.effective_labels()
+    return LabelProgress(label_log.groups_complete(), total, needed, len(labels),
+                         tuple(sorted({la.annotator for la in labels})), str(log))
 
 
 def label_counter(root: Path, hp: HumanLabelParams) -> Callable[[], LabelProgress]:
@@ -248,7 +247,7 @@ class LabelWatcher:
         from prefect.exceptions import FlowPauseTimeout, NotPausedError
         from prefect.flow_runs import resume_flow_run
 
-        from prefdiff.labeling.human import LabelLogError
+        from prefdiff.labeling.label_log import LabelLogError
 
         log = _logger()
         last: LabelProgress | None = None
@@ -371,7 +370,7 @@ def wait_for_labels(root: Path, run_id: str, hp: HumanLabelParams, *, timeout_se
             answer = pause_flow_run(wait_for_input=LabelingDone.with_initial_data(RESUME_FORM_HELP, done=True),
                                     timeout=timeout_seconds, poll_interval=poll_seconds)
     except FlowPauseTimeout as err:
-        from prefdiff.labeling.human import LabelLogError
+        from prefdiff.labeling.label_log import LabelLogError
 
         try:
             where = count().describe()

@@ -467,7 +467,7 @@ def test_two_human_rounds_sample_from_the_previous_round_and_keep_every_rounds_l
 
 
 @dataclass
-class _Index:  # what the label-log reader needs of a trajectory store (prefdiff.labeling.human.TrajectoryIndex)
+class _Index:  # what the label-log reader needs of a trajectory store (prefdiff.labeling.label_log.LabelLog.open)
     root: Path
     sha: str
 
@@ -499,9 +499,9 @@ def test_label_progress_counts_groups_with_enough_annotators(tmp_path):
     assert progress.annotators == ("alice", "bob", "carol") and not progress.complete
     assert label_progress(log, store, HumanLabelParams(annotators_per_group=1)).labeled == 3
     assert label_progress(tmp_path / "none.jsonl", store, hp).labels == 0  # nobody has labeled yet
-    from prefdiff.labeling.human import LabelLogError
+    from prefdiff.labeling.label_log import LabelLogError
 
-    with pytest.raises(LabelLogError, match="these labels are of other images"):
+    with pytest.raises(LabelLogError, match=r"labels trajectory dataset a{12}… .* is b{12}… \(re-sampled\?\)"):
         label_progress(log, _Index(tmp_path, "b" * 64), hp)
 
 
