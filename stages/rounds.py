@@ -12,9 +12,8 @@ set) as soon as it is done, and a point of the parent's ``rounds/<metric>`` curv
 
 from __future__ import annotations
 
-import sys
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, refuse, say, tracked, workspace
 
 
 def main() -> None:
@@ -24,8 +23,7 @@ def main() -> None:
 
     why = rounds_refusal(params)
     if why is not None:
-        print(f"error: {why}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        refuse(why)
     import mlflow
 
     from prefdiff.rounds.loop import run_rounds

@@ -8,10 +8,9 @@ writes ``models/trained`` (final LoRA, or the full UNet under ``unet/``, plus ep
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, refuse, say, tracked, workspace
 
 if TYPE_CHECKING:
     from prefdiff.config import Params
@@ -32,8 +31,7 @@ def main() -> None:
     params = load_or_exit(paths)
     why = refusal(params)
     if why is not None:
-        print(f"error: {why}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        refuse(why)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
     from prefdiff.training.fit import fit
 
