@@ -12,7 +12,6 @@ set) as soon as it is done, and a point of the parent's ``rounds/<metric>`` curv
 
 from __future__ import annotations
 
-
 from stages._common import load_or_exit, refuse, say, tracked, workspace
 
 
