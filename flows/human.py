@@ -61,6 +61,7 @@ from flows.round import (
     check_stages,
     open_parent_run,
     retry_on_io_error,
+    run_flow_cli,
     run_round,
     stream_command,
 )
@@ -684,14 +685,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ParamsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        human_round(repo=args.repo, timeout_seconds=timeout_seconds, poll_seconds=args.poll_seconds,
-                    serve_labels=args.serve_labels, rounds=args.rounds)
-    except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
-        print(f"\nhuman_round failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_flow_cli("human_round", lambda: human_round(
+        repo=args.repo, timeout_seconds=timeout_seconds, poll_seconds=args.poll_seconds,
+        serve_labels=args.serve_labels, rounds=args.rounds))
 
 
 if __name__ == "__main__":

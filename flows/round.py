@@ -488,11 +488,15 @@ def main() -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return run_flow_cli("d3po_round", preference_round)
+
+
+def run_flow_cli(name: str, run: Callable[[], object]) -> int:
+    """A flow started from its CLI: 0, or 1 and one line naming the failure (Prefect has logged the traceback)."""
     try:
-        preference_round()
+        run()
     except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
-        print(f"\nd3po_round failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-              file=sys.stderr)
+        print(f"\n{name} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
     return 0
 

@@ -31,7 +31,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.round import _flow_run_info, _logger, _mark_failed, open_parent_run, retry_on_io_error, run_stage, ui_hint
+from flows.round import (_flow_run_info, _logger, _mark_failed, open_parent_run, retry_on_io_error, run_flow_cli,
+                         run_stage, ui_hint)
 from prefdiff.config import ParamsError, load_params, with_param_values
 from prefdiff.paths import REPO_ROOT, Paths
 
@@ -178,13 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        preference_rounds(rounds=args.rounds)
-    except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
-        print(f"\npreference_rounds failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_flow_cli("preference_rounds", lambda: preference_rounds(rounds=args.rounds))
 
 
 if __name__ == "__main__":
