@@ -317,10 +317,18 @@ def test_cross_protocol_candidate_is_a_challenger_until_scored_with_the_champion
     assert [t["prefdiff.gate_action"] for t in tags] == ["promote", "re-evaluate", "promote"]
 
 
-def test_non_finite_gate_value_never_promotes(registry):
-    d = _register(registry, "nan-model", _lora(registry, "nan", b"nan"), {"trained_mean": float("nan")},
-                  base_metric=None)
-    assert (d.alias, d.action) == ("challenger", "challenger") and "not finite" in d.reason
+@pytest.mark.parametrize("metrics, rule, named", [
+    ({"trained_mean": float("nan")}, {"base_metric": None}, "the gate metric 'trained_mean' is nan"),
+    ({"trained_mean": float("inf"), "base_mean": 0.0}, {}, "the gate metric 'trained_mean' is inf"),
+    ({"trained_mean": 1.0, "base_mean": float("-inf")}, {}, "the base metric 'base_mean' is -inf"),
+    ({"trained_mean": 1.0, "base_mean": 0.0}, {"min_improvement": float("nan")}, "register.min_improvement is nan"),
+])
+def test_non_finite_numbers_are_refused_and_never_registered(registry, metrics, rule, named):
+    from prefdiff.gate import GateInputError
+
+    with pytest.raises(GateInputError, match=named):
+        _register(registry, "nan-model", _lora(registry, "nan", b"nan"), metrics, **rule)
+    assert _versions("nan-model") == []
 
 
 def test_eval_metrics_without_protocol_are_refused(registry):
