@@ -190,6 +190,11 @@ def test_lineage_tags_on_version_and_run(registry):
     assert mv.tags["prefdiff.fingerprint"] == d.fingerprint
     assert mv.tags["prefdiff.gate_metric"] == "trained_mean" and float(mv.tags["prefdiff.gate_value"]) == 1.0
     assert mv.tags["prefdiff.protocol"] == PROTOCOL and mv.tags["prefdiff.gate_action"] == "promote"
+    # the run that logged the model carries no un-prefixed copies of the model config (base_source, ...)
+    assert mlflow.get_run(mv.run_id).data.params == {}
+    description = mlflow.MlflowClient().get_registered_model("lineage").description
+    assert "pyfunc" in description and "'builtin:tiny-sd'" in description and "champion" in description
+    assert mv.description == d.reason
 
     with tracking.stage_run("evaluate", registry, "prefdiff-test") as run:
         tracking.log_lineage(registry)
@@ -591,3 +596,43 @@ def test_register_stage_refuses_non_finite_metrics_in_one_line(registry, monkeyp
     assert exit_.value.code == 2 and "\n" not in err
     assert err.startswith("error: ") and "eval.json" in err and "'trained_mean_reward' is nan" in err
     assert _versions("nan-stage") == []
+
+
+def test_a_killed_stage_run_is_marked_killed_by_the_next_start(registry, tmp_path):
+    """kill -9 of a stage leaves its MLflow run RUNNING for good; the next stage start on this host marks it
+    KILLED (naming the dead process), and leaves the run of a process that is still alive alone."""
+    import signal
+    import sys
+    import textwrap
+
+    import mlflow
+
+    from prefdiff import tracking
+
+    script = tmp_path / "hold_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import time, mlflow
+        from prefdiff.tracking import stage_run
+        with stage_run("train", {str(registry)!r}, "prefdiff-test") as run:
+            print(run.info.run_id, flush=True)
+            time.sleep(600)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        killed, alive = (p.stdout.readline().strip() for p in procs)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        assert mlflow.get_run(killed).info.status == "RUNNING"  # what a kill leaves behind
+
+        with tracking.stage_run("evaluate", registry, "prefdiff-test"):
+            pass
+        got = mlflow.get_run(killed)
+        assert got.info.status == "KILLED" and f"process {procs[0].pid}" in got.data.tags["prefdiff.closed"]
+        assert mlflow.get_run(alive).info.status == "RUNNING" and "prefdiff.closed" not in mlflow.get_run(alive).data.tags
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
