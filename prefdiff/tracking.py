@@ -20,6 +20,7 @@ mlflow is imported inside the functions: importing it costs ~3.5 s and flows imp
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -338,8 +339,15 @@ def pending_stage_run(stage: str, root: Path, experiment: str, target_run: str |
     os.environ.pop(RUN_ID_ENV, None)
     try:
         mlflow.set_tracking_uri(_pending_uri(root))
-        client = mlflow.MlflowClient()
-        exp = client.get_experiment_by_name(experiment)
+        # MLflow announces a new SQLite store's tables on stderr: the stage has said its one line already
+        store_log = logging.getLogger("mlflow.store.db.utils")
+        level = store_log.level
+        store_log.setLevel(logging.WARNING)
+        try:
+            client = mlflow.MlflowClient()
+            exp = client.get_experiment_by_name(experiment)
+        finally:
+            store_log.setLevel(level)
         exp_id = exp.experiment_id if exp else client.create_experiment(
             experiment, artifact_location=(pending / "artifacts").as_uri())
         mlflow.set_experiment(experiment_id=exp_id)
