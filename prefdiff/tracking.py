@@ -407,12 +407,15 @@ def relog_pending(root: Path) -> list[str]:
             waiting += 1
             continue
         target = tags.get(TAG_TARGET_RUN) or None
+        if target is not None and not _run_exists(server, target):
+            target = None  # its round's run is not on this server (another URI now): keep the data in a new run
         user_tags = {k: v for k, v in tags.items() if not k.startswith(("prefdiff.pending.", "mlflow."))
                      and k not in (TAG_PID, TAG_HOST)}
         parent = tags.get("mlflow.parentRunId")
         if parent:
             user_tags["mlflow.parentRunId"] = mapping.get(parent, parent)
-        if target is None:
+        created = target is None
+        if created:
             exp = server.get_experiment_by_name(tags.get(TAG_TARGET_EXPERIMENT, DEFAULT_EXPERIMENT))
             exp_id = exp.experiment_id if exp else ensure_experiment(tags.get(TAG_TARGET_EXPERIMENT,
                                                                               DEFAULT_EXPERIMENT), root)
@@ -431,7 +434,7 @@ def relog_pending(root: Path) -> list[str]:
         with tempfile.TemporaryDirectory(prefix="prefdiff-relog-") as tmp:
             if local.list_artifacts(run.info.run_id):
                 server.log_artifacts(target, local.download_artifacts(run.info.run_id, "", tmp))
-        if not tags.get(TAG_TARGET_RUN):
+        if created:
             server.set_terminated(target, status="KILLED" if run.info.status == "RUNNING" else run.info.status)
         local.set_tag(run.info.run_id, TAG_RELOGGED, target)
         mapping[run.info.run_id] = target
@@ -439,6 +442,18 @@ def relog_pending(root: Path) -> list[str]:
     if not waiting:
         shutil.rmtree(pending, ignore_errors=True)
     return done
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if is_unreachable(e):
+            raise
+        return False
+    return True
 
 
 def recover(root: Path, experiment_id: str, keep_run: str | None = None) -> None:
@@ -450,7 +465,12 @@ def recover(root: Path, experiment_id: str, keep_run: str | None = None) -> None
     closed = close_dead_runs(mlflow.MlflowClient(), [experiment_id], keep_run=keep_run)
     if closed:
         print(f"MLflow: marked {len(closed)} run(s) of dead processes KILLED: {', '.join(closed)}", flush=True)
-    relogged = relog_pending(root)
+    try:
+        relogged = relog_pending(root)
+    except Exception as e:  # noqa: BLE001 - the stage must not fail for it; the store stays for the next try
+        print(f"warning: could not re-log {pending_dir(root)} into {tracking_uri(root)} ({short_reason(e)}); "
+              "it is kept for the next start", file=sys.stderr, flush=True)
+        return
     if relogged:
         print(f"MLflow: logged {len(relogged)} run(s) kept in {pending_dir(root)} while the server was unreachable "
               f"into {tracking_uri(root)}: {', '.join(dict.fromkeys(relogged))}", flush=True)
