@@ -28,7 +28,10 @@ def main() -> None:
 
     rp = params.register
     rule = gate_rule(rp)
-    eval_metrics = json.loads(paths.eval_metrics.read_text())
+    try:
+        eval_metrics = json.loads(paths.eval_metrics.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        refuse(f"{paths.eval_metrics}: cannot read the evaluation's metrics ({err}); run the evaluate stage first")
     try:
         check_finite(candidate_from_metrics(eval_metrics, rule), rule)
     except ValueError as err:
