@@ -142,17 +142,22 @@ def open_parent_run(repo: str, experiment: str, run_name: str | None = None,
                     tags: dict[str, str] | None = None) -> str:
     """Create the round's MLflow run in ``experiment`` (at ``tracking_uri(repo)``), tag it with the
     Prefect flow run and ``tags`` (e.g. ``prefdiff.tracking.round_run_tags``: a round of a many-round flow),
-    end it (the stages resume it through ``MLFLOW_RUN_ID``); return its id."""
+    end it (the stages resume it through ``MLFLOW_RUN_ID``); return its id. First: a server that does not
+    answer is named in one line (``TrackingUnavailable``, within seconds); runs of dead processes are closed
+    and what stages logged while the server was down is re-logged (``prefdiff.tracking.recover``)."""
     import mlflow
 
-    from prefdiff.tracking import RUN_ID_ENV, ensure_experiment, tracking_uri
+    from prefdiff.tracking import RUN_ID_ENV, ensure_experiment, recover, require_server, tracking_uri
 
     log = _logger()
     stray = os.environ.pop(RUN_ID_ENV, None)
     if stray:
         # start_run() would silently resume that run instead of creating the round's own one.
         log.warning(f"ignoring {RUN_ID_ENV}={stray} from the environment: a round always opens a new run")
+    require_server(Path(repo), attempts=1)  # this task's own retries try again
     exp_id = ensure_experiment(experiment, Path(repo))
+    recover(Path(repo), exp_id)
+    mlflow.set_experiment(experiment_id=exp_id)
     flow_run_id, flow_run_name = _flow_run_info()
     tags = {"prefdiff.repo": str(Path(repo).resolve()), **(tags or {})}
     if flow_run_id:

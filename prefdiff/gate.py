@@ -11,9 +11,14 @@ summarised by its fingerprint). The gate therefore compares the candidate's gate
   decision says how to rank it (evaluate again with ``evaluate.baseline: champion``).
 
 With no incumbent the bar is the base model's score in the same evaluation (``base_metric``). A candidate
-is promoted only if its value is finite and beats the bar by more than ``min_improvement``, and, when
-``min_win_rate_low`` is set, the lower end of the prompt-clustered bootstrap interval of its win-rate
-over the evaluation's baseline exceeds it.
+is promoted only if it beats the bar by more than ``min_improvement``, and, when ``min_win_rate_low`` is
+set, the lower end of the prompt-clustered bootstrap interval of its win-rate over the evaluation's
+baseline exceeds it.
+
+A non-finite number anywhere in the comparison (the candidate's value, the bar, the margin, the win-rate
+bound the rule uses) is refused with ``GateInputError`` before any decision: a NaN compares false with
+everything, so it would silently never promote (or, as a margin, never let anything promote), and a
+version registered with such a number is not one the gate has judged.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from dataclasses import dataclass
 PROMOTE = "promote"
 CHALLENGER = "challenger"
 RE_EVALUATE = "re-evaluate"  # not comparable: registered as challenger until scored under one protocol
+
+
+class GateInputError(ValueError):
+    """A number the gate cannot judge (non-finite metric, bar or margin); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -87,23 +96,39 @@ def _bar(candidate: Candidate, incumbent: Incumbent | None, rule: GateRule) -> t
                           f"champion (scores both under one protocol) and register again")
 
 
+def _refuse_non_finite(what: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise GateInputError(f"{what} is {value!r}: the gate compares finite numbers only; "
+                             "fix the evaluation (or the params) and run evaluate and register again")
+
+
+def check_finite(candidate: Candidate, rule: GateRule) -> None:
+    """``GateInputError`` naming the first non-finite number of this candidate or rule the gate would use."""
+    _refuse_non_finite("register.min_improvement", float(rule.min_improvement))
+    _refuse_non_finite("register.min_win_rate_low", rule.min_win_rate_low)
+    _refuse_non_finite(f"the gate metric {rule.metric!r}", candidate.value)
+    if rule.base_metric is not None:
+        _refuse_non_finite(f"the base metric {rule.base_metric!r}", candidate.baseline_value)
+    if rule.min_win_rate_low is not None:
+        _refuse_non_finite("the win-rate's bootstrap lower bound 'win_rate_low'", candidate.win_rate_low)
+
+
 def decide(candidate: Candidate, incumbent: Incumbent | None, rule: GateRule) -> Decision:
-    """Promote, keep as challenger, or ask for a re-evaluation; the reason says which number decided."""
+    """Promote, keep as challenger, or ask for a re-evaluation; the reason says which number decided.
+    Raises ``GateInputError`` for a non-finite number (``check_finite``, and the incumbent's stored value)."""
+    check_finite(candidate, rule)
+    if incumbent is not None:
+        _refuse_non_finite(f"champion v{incumbent.version}'s stored gate value", incumbent.value)
     bar, compared_with, incomparable = _bar(candidate, incumbent, rule)
     if incomparable is not None:
         return Decision(RE_EVALUATE, None, compared_with, incomparable)
     name = f"{rule.metric} {candidate.value!r}"
-    if not math.isfinite(candidate.value):
-        return Decision(CHALLENGER, bar, compared_with, f"{name} is not finite: a non-finite metric never promotes")
-    if bar is not None and not math.isfinite(bar):
-        return Decision(CHALLENGER, bar, compared_with,
-                        f"the bar ({compared_with}) is {bar!r}: nothing to beat reliably")
     if bar is not None and not candidate.value > bar + rule.min_improvement:
         return Decision(CHALLENGER, bar, compared_with,
                         f"{name} does not beat {compared_with} {bar!r} by more than {rule.min_improvement!r}")
     if rule.min_win_rate_low is not None:
         low = candidate.win_rate_low
-        if low is None or not math.isfinite(low) or not low > rule.min_win_rate_low:
+        if low is None or not low > rule.min_win_rate_low:
             return Decision(CHALLENGER, bar, compared_with,
                             f"win-rate bootstrap lower bound {low!r} is not above {rule.min_win_rate_low!r}")
     beats = "no bar" if bar is None else f"beats {compared_with} {bar!r} by more than {rule.min_improvement!r}"

@@ -26,7 +26,7 @@ from typing import Any
 from prefdiff import tracking
 from prefdiff.data.baseline import BASE, BaselineRef, read_baseline, tree_sha256, write_baseline
 from prefdiff.data.baseline import CHAMPION as CHAMPION_KIND
-from prefdiff.gate import PROMOTE, Candidate, Decision, GateRule, Incumbent, decide
+from prefdiff.gate import PROMOTE, Candidate, Decision, GateRule, Incumbent, check_finite, decide
 from prefdiff.paths import Paths
 
 CHAMPION = "champion"
@@ -40,6 +40,7 @@ TAG_GATE_REASON = "prefdiff.gate_reason"
 TAG_COMPARED_TO = "prefdiff.compared_to"
 TAG_COMPARED_WITH = "prefdiff.compared_with"
 TAG_MIN_IMPROVEMENT = "prefdiff.min_improvement"
+TAG_SETTLED = "prefdiff.settled"  # the alias this version was given: its registration completed
 WEIGHTS_ARTIFACT = "weights"  # key of the weights dir among the pyfunc model's artifacts
 MAX_TAG_VALUE = 5000  # MLflow's limit on a model-version tag value
 
@@ -137,14 +138,21 @@ def model_signature():
 
 
 def _find_version(client, model_name: str, fp: str):
+    """The (lowest) version of ``model_name`` tagged with fingerprint ``fp``; None if none, or no such model."""
+    versions = _search_versions(client, model_name)
+    matches = [v for v in versions if (v.tags or {}).get(TAG_FINGERPRINT) == fp]
+    return min(matches, key=lambda v: int(v.version)) if matches else None
+
+
+def _search_versions(client, model_name: str) -> list:
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
-    except MlflowException:
-        return None
-    matches = [v for v in versions if (v.tags or {}).get(TAG_FINGERPRINT) == fp]
-    return min(matches, key=lambda v: int(v.version)) if matches else None
+        return list(client.search_model_versions(f"name = '{model_name}'"))
+    except MlflowException as e:
+        if tracking.is_unreachable(e):
+            raise
+        return []  # no such registered model yet
 
 
 def _champion(client, model_name: str):
@@ -152,13 +160,16 @@ def _champion(client, model_name: str):
 
     try:
         return client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:  # no such model, or no champion alias yet
+    except MlflowException as e:  # no such model, or no champion alias yet
+        if tracking.is_unreachable(e):
+            raise
         return None
 
 
-def _incumbent(client, model_name: str) -> Incumbent | None:
+def _incumbent(client, model_name: str, *, besides: int | None = None) -> Incumbent | None:
+    """The champion as the gate sees it (None: none, or it is version ``besides`` itself)."""
     champ = _champion(client, model_name)
-    if champ is None:
+    if champ is None or (besides is not None and int(champ.version) == besides):
         return None
     tags = champ.tags or {}
     if TAG_GATE_VALUE not in tags:
@@ -172,22 +183,8 @@ def _optional_float(text: str | None) -> float | None:
     return None if text in (None, "", "None") else float(text)
 
 
-def _reused(client, model_name: str, existing, fp: str) -> Registration:
-    """The registration an earlier, identical call made (read back from its tags)."""
-    champ = _champion(client, model_name)
-    tags = existing.tags or {}
-    return Registration(
-        model_name=model_name, version=int(existing.version),
-        alias=CHAMPION if champ is not None and champ.version == existing.version else CHALLENGER,
-        action=tags.get(TAG_GATE_ACTION, ""), reason=tags.get(TAG_GATE_REASON, ""),
-        gate_metric=tags.get(TAG_GATE_METRIC, ""), value=float(tags.get(TAG_GATE_VALUE, "nan")),
-        compared_to=_optional_float(tags.get(TAG_COMPARED_TO)), compared_with=tags.get(TAG_COMPARED_WITH, "none"),
-        protocol=tags.get(TAG_PROTOCOL, ""), fingerprint=fp, reused=True)
-
-
-def _version_tags(fp: str, candidate: Candidate, decision: Decision, rule: GateRule, root: Path) -> dict[str, str]:
+def _gate_tags(candidate: Candidate, decision: Decision, rule: GateRule) -> dict[str, str]:
     return {
-        TAG_FINGERPRINT: fp,
         TAG_PROTOCOL: candidate.protocol,
         TAG_GATE_METRIC: rule.metric,
         TAG_GATE_VALUE: repr(candidate.value),
@@ -196,8 +193,18 @@ def _version_tags(fp: str, candidate: Candidate, decision: Decision, rule: GateR
         TAG_COMPARED_TO: repr(decision.compared_to),
         TAG_COMPARED_WITH: decision.compared_with,
         TAG_MIN_IMPROVEMENT: repr(float(rule.min_improvement)),
-        **tracking.lineage(root),
     }
+
+
+def model_description(model_name: str, model_config: dict, rule: GateRule) -> str:
+    """The registered model's description (shown in the MLflow UI): what a version is and how aliases move."""
+    return (f"{model_name}: diffusion-model weights (a LoRA or a full UNet) trained by prefdiff on preferences, "
+            f"served as an MLflow pyfunc on the base pipeline {model_config.get('base_source')!r} "
+            "(input: a DataFrame with a 'prompt' column; output: prompt, seed, PNG bytes). "
+            f"Alias '{CHAMPION}' = the version the gate promoted last (gate metric {rule.metric!r}, higher is "
+            f"better, compared under one evaluation protocol); '{CHALLENGER}' = the last version that did not beat it. "
+            f"Each version's tags hold its gate decision ({TAG_GATE_ACTION}, {TAG_GATE_REASON}), its input "
+            f"fingerprint ({TAG_FINGERPRINT}) and lineage (git_sha, dvc.* hashes).")
 
 
 def _log_and_register(weights_dir: Path, model_config: dict, model_name: str, tags: dict[str, str]) -> int:
@@ -209,19 +216,24 @@ def _log_and_register(weights_dir: Path, model_config: dict, model_name: str, ta
     if started:
         mlflow.start_run(run_name="register")
     try:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PYFUNC_MODEL_FILE),
-            artifacts={WEIGHTS_ARTIFACT: str(weights_dir)},
-            model_config=dict(model_config),
-            code_paths=[str(PACKAGE_DIR)],
-            signature=model_signature(),
-            pip_requirements=pip_requirements(),
-        )
-        # register_model (rather than log_model's registered_model_name) creates the version WITH
-        # its tags in one call, so a crash cannot leave a version without its fingerprint, which
-        # would defeat the idempotency check on the next run.
-        mv = mlflow.register_model(info.model_uri, model_name, tags=tags)
+        with tempfile.TemporaryDirectory(prefix="prefdiff-pyfunc-") as tmp:
+            # save_model + log_artifacts rather than log_model: log_model would also log model_config as
+            # un-prefixed run params (base_source, num_steps, ...), duplicating the stages' model.*/sampling.*.
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local),
+                python_model=str(PYFUNC_MODEL_FILE),
+                artifacts={WEIGHTS_ARTIFACT: str(weights_dir)},
+                model_config=dict(model_config),
+                code_paths=[str(PACKAGE_DIR)],
+                signature=model_signature(),
+                pip_requirements=pip_requirements(),
+            )
+            mlflow.log_artifacts(str(local), artifact_path="model")
+        run_id = mlflow.active_run().info.run_id
+        # register_model creates the version WITH its tags in one call, so a crash cannot leave a version
+        # without its fingerprint, which would defeat the idempotency check on the next run.
+        mv = mlflow.register_model(f"runs:/{run_id}/model", model_name, tags=tags)
     except BaseException:
         if started:
             mlflow.end_run(status="FAILED")
@@ -229,6 +241,60 @@ def _log_and_register(weights_dir: Path, model_config: dict, model_name: str, ta
     if started:
         mlflow.end_run()
     return int(mv.version)
+
+
+def _latest_promoted(client, model_name: str):
+    """The newest version whose gate decision was to promote and whose alias step completed."""
+    promoted = [v for v in _search_versions(client, model_name)
+                if (v.tags or {}).get(TAG_GATE_ACTION) == PROMOTE and (v.tags or {}).get(TAG_SETTLED)]
+    return max(promoted, key=lambda v: int(v.version)) if promoted else None
+
+
+def _settle(client, model_name: str, version: int, candidate: Candidate, rule: GateRule,
+            model_config: dict) -> tuple[str, dict[str, str]]:
+    """Finish version ``version``'s registration from the registry's state, whatever step a crash stopped
+    at: its gate decision (made now, against the current champion, if it has none or its alias step never
+    completed), the model's description, the alias, then tag ``prefdiff.settled``. Returns (the alias this
+    version holds, its tags). Every step is idempotent, so running it again after a crash converges.
+
+    A settled version is left as it is, but a registry with no champion at all (an alias lost) gets one
+    back: the newest settled version the gate promoted."""
+    mv = client.get_model_version(model_name, str(version))
+    tags = dict(mv.tags or {})
+    champ = _champion(client, model_name)
+    holds = champ is not None and int(champ.version) == version
+    if not (client.get_registered_model(model_name).description or "").strip():
+        client.update_registered_model(model_name, description=model_description(model_name, model_config, rule))
+    if tags.get(TAG_SETTLED):
+        if champ is None:
+            restored = _latest_promoted(client, model_name)
+            if restored is not None:
+                client.set_registered_model_alias(model_name, CHAMPION, str(restored.version))
+                holds = int(restored.version) == version
+        return (CHAMPION if holds else CHALLENGER), tags
+    if not holds:
+        # Gate it now: a crash may have stopped it after its decision, and the champion may have moved since.
+        decision = decide(candidate, _incumbent(client, model_name, besides=version), rule)
+        for key, value in _gate_tags(candidate, decision, rule).items():
+            if tags.get(key) != value:
+                client.set_model_version_tag(model_name, str(version), key, value)
+                tags[key] = value
+        client.update_model_version(model_name, str(version), description=decision.reason[:MAX_TAG_VALUE])
+    alias = CHAMPION if holds or tags[TAG_GATE_ACTION] == PROMOTE else CHALLENGER
+    client.set_registered_model_alias(model_name, alias, str(version))
+    client.set_model_version_tag(model_name, str(version), TAG_SETTLED, alias)
+    tags[TAG_SETTLED] = alias
+    return alias, tags
+
+
+def _registration(model_name: str, version: int, alias: str, tags: dict[str, str], fp: str,
+                  reused: bool) -> Registration:
+    return Registration(
+        model_name=model_name, version=version, alias=alias,
+        action=tags.get(TAG_GATE_ACTION, ""), reason=tags.get(TAG_GATE_REASON, ""),
+        gate_metric=tags.get(TAG_GATE_METRIC, ""), value=float(tags.get(TAG_GATE_VALUE, "nan")),
+        compared_to=_optional_float(tags.get(TAG_COMPARED_TO)), compared_with=tags.get(TAG_COMPARED_WITH, "none"),
+        protocol=tags.get(TAG_PROTOCOL, ""), fingerprint=fp, reused=reused)
 
 
 def register_model(
@@ -240,39 +306,61 @@ def register_model(
     model_name: str,
     rule: GateRule,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
+    attempts: int = 3,
+    retry_delay_s: float = 2.0,
 ) -> Registration:
     """Register ``weights_dir`` (a LoRA or a full UNet) as a new version of ``model_name`` and set alias
-    ``champion`` or ``challenger`` by ``prefdiff.gate.decide``. Idempotent (module docstring).
+    ``champion`` or ``challenger`` by ``prefdiff.gate.decide``. Idempotent and convergent (module docstring):
+    a version with these inputs' fingerprint is reused, and finished if a crash interrupted it.
 
     Logs into the active MLflow run if there is one, else into a new run named ``register`` in
     ``experiment``. ``model_config`` is stored with the model and read by the serving code
-    (``base_source``, ``dtype``, ``device``).
+    (``base_source``, ``dtype``, ``device``). Bad metrics raise ``GateInputError``/``ValueError`` before the
+    registry is touched. An unreachable tracking server is tried ``attempts`` times (``retry_delay_s``,
+    doubling), then ``tracking.TrackingUnavailable`` says so; ``weights_dir`` is never touched.
     """
-    import mlflow
+    import time
 
     root = Path(root).resolve()
     weights_dir = Path(weights_dir).resolve()
     candidate = candidate_from_metrics(eval_metrics, rule)
+    check_finite(candidate, rule)
     if "base_source" not in model_config:
         raise ValueError(f"model_config needs 'base_source' (the base pipeline the served model loads); "
                          f"got keys {sorted(model_config)}")
     fp = fingerprint(weights_dir, eval_metrics, model_config, model_name)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _register_once(root, weights_dir, candidate, model_config, model_name, rule, experiment, fp)
+        except Exception as e:
+            if not tracking.is_unreachable(e):
+                raise
+            uri = tracking.tracking_uri(root)
+            if attempt == attempts:
+                raise tracking.TrackingUnavailable(f"MLflow at {uri} is unreachable ({tracking.short_reason(e)}); "
+                                                   f"tried {attempts} times") from e
+            print(f"register: MLflow at {uri} unreachable ({tracking.short_reason(e)}); "
+                  f"retry {attempt}/{attempts - 1} in {retry_delay_s:g} s", flush=True)
+            time.sleep(retry_delay_s)
+            retry_delay_s *= 2
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _register_once(root: Path, weights_dir: Path, candidate: Candidate, model_config: dict, model_name: str,
+                   rule: GateRule, experiment: str, fp: str) -> Registration:
+    import mlflow
 
     tracking.ensure_experiment(experiment, root)
     client = mlflow.MlflowClient()
     existing = _find_version(client, model_name, fp)
-    if existing is not None:
-        return _reused(client, model_name, existing, fp)
-
-    decision = decide(candidate, _incumbent(client, model_name), rule)  # against the champion as it is now
-    version = _log_and_register(weights_dir, model_config, model_name,
-                                _version_tags(fp, candidate, decision, rule, root))
-    alias = CHAMPION if decision.action == PROMOTE else CHALLENGER
-    client.set_registered_model_alias(model_name, alias, str(version))
-    return Registration(model_name=model_name, version=version, alias=alias, action=decision.action,
-                        reason=decision.reason, gate_metric=rule.metric, value=candidate.value,
-                        compared_to=decision.compared_to, compared_with=decision.compared_with,
-                        protocol=candidate.protocol, fingerprint=fp, reused=False)
+    if existing is None:
+        decision = decide(candidate, _incumbent(client, model_name), rule)  # against the champion as it is now
+        tags = {TAG_FINGERPRINT: fp, **_gate_tags(candidate, decision, rule), **tracking.lineage(root)}
+        version = _log_and_register(weights_dir, model_config, model_name, tags)
+    else:
+        version = int(existing.version)
+    alias, tags = _settle(client, model_name, version, candidate, rule, model_config)
+    return _registration(model_name, version, alias, tags, fp, reused=existing is not None)
 
 
 def _weights_in(local: Path) -> Path:

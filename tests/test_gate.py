@@ -72,12 +72,25 @@ def test_cross_protocol_candidate_is_gated_on_the_champion_scored_in_its_own_eva
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_non_finite_metrics_never_promote(value):
+def test_non_finite_numbers_are_refused_naming_them(value):
+    """A NaN compares false with everything: as a metric it would silently never promote, as a margin it
+    would silently never let anything promote. The gate refuses it (GateInputError, a ValueError), naming
+    which number."""
     for incumbent, rule in ((None, GateRule("trained_mean_reward", None)), (None, RULE), (_champ(-1e9), RULE)):
-        d = decide(_cand(value, base=-1e9), incumbent, rule)
-        assert d.action == CHALLENGER and not d.promote and "not finite" in d.reason
-    d = decide(_cand(1.0, base=math.nan), None, RULE)  # nothing reliable to beat
-    assert d.action == CHALLENGER and not d.promote
+        with pytest.raises(ValueError, match=r"the gate metric 'trained_mean_reward' is (nan|inf|-inf)"):
+            decide(_cand(value, base=-1e9), incumbent, rule)
+    with pytest.raises(ValueError, match="the base metric 'base_mean_reward' is"):
+        decide(_cand(1.0, base=value), None, RULE)
+    with pytest.raises(ValueError, match="register.min_improvement is"):
+        decide(_cand(1.0), _champ(0.0), GateRule("trained_mean_reward", "base_mean_reward", min_improvement=value))
+    with pytest.raises(ValueError, match="register.min_win_rate_low is"):
+        decide(_cand(1.0), None, GateRule("trained_mean_reward", None, min_win_rate_low=value))
+    with pytest.raises(ValueError, match="'win_rate_low' is"):
+        decide(_cand(1.0, win_rate_low=value), None, GateRule("trained_mean_reward", None, min_win_rate_low=0.5))
+    with pytest.raises(ValueError, match="champion v1's stored gate value is"):
+        decide(_cand(1.0), _champ(value), RULE)
+    # a win-rate bound the rule does not use is not the gate's business
+    assert decide(_cand(1.0, win_rate_low=value), None, GateRule("trained_mean_reward", None)).action == PROMOTE
 
 
 def test_bootstrap_lower_bound_requirement():

@@ -190,6 +190,11 @@ def test_lineage_tags_on_version_and_run(registry):
     assert mv.tags["prefdiff.fingerprint"] == d.fingerprint
     assert mv.tags["prefdiff.gate_metric"] == "trained_mean" and float(mv.tags["prefdiff.gate_value"]) == 1.0
     assert mv.tags["prefdiff.protocol"] == PROTOCOL and mv.tags["prefdiff.gate_action"] == "promote"
+    # the run that logged the model carries no un-prefixed copies of the model config (base_source, ...)
+    assert mlflow.get_run(mv.run_id).data.params == {}
+    description = mlflow.MlflowClient().get_registered_model("lineage").description
+    assert "pyfunc" in description and "'builtin:tiny-sd'" in description and "champion" in description
+    assert mv.description == d.reason
 
     with tracking.stage_run("evaluate", registry, "prefdiff-test") as run:
         tracking.log_lineage(registry)
@@ -317,10 +322,16 @@ def test_cross_protocol_candidate_is_a_challenger_until_scored_with_the_champion
     assert [t["prefdiff.gate_action"] for t in tags] == ["promote", "re-evaluate", "promote"]
 
 
-def test_non_finite_gate_value_never_promotes(registry):
-    d = _register(registry, "nan-model", _lora(registry, "nan", b"nan"), {"trained_mean": float("nan")},
-                  base_metric=None)
-    assert (d.alias, d.action) == ("challenger", "challenger") and "not finite" in d.reason
+@pytest.mark.parametrize("metrics, rule, named", [
+    ({"trained_mean": float("nan")}, {"base_metric": None}, "the gate metric 'trained_mean' is nan"),
+    ({"trained_mean": float("inf"), "base_mean": 0.0}, {}, "the gate metric 'trained_mean' is inf"),
+    ({"trained_mean": 1.0, "base_mean": float("-inf")}, {}, "the base metric 'base_mean' is -inf"),
+    ({"trained_mean": 1.0, "base_mean": 0.0}, {"min_improvement": float("nan")}, "register.min_improvement is nan"),
+])
+def test_non_finite_numbers_are_refused_and_never_registered(registry, metrics, rule, named):
+    with pytest.raises(ValueError, match=named):  # prefdiff.gate.GateInputError
+        _register(registry, "nan-model", _lora(registry, "nan", b"nan"), metrics, **rule)
+    assert _versions("nan-model") == []
 
 
 def test_eval_metrics_without_protocol_are_refused(registry):
@@ -393,3 +404,233 @@ def test_champion_is_the_evaluation_baseline(registry, tmp_path):
     other = params.model_copy(update={"register": params.register.model_copy(update={"model_name": "other"})})
     with pytest.raises(DatasetError, match="names the champion of 'champ-model'"):
         evaluate_trained(other, champ_dir, ws, progress=lambda _: None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Convergence: a crash at any point of register, then a re-run -> one champion, no duplicate version
+# --------------------------------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """Stands for the process dying at an injected point (a BaseException: no ``except Exception`` eats it)."""
+
+
+def _crash_at(monkeypatch, point: str) -> None:
+    """Make register die at ``point``: before its version exists (model logged, not registered), after the
+    version before its alias, after the alias before the version is tagged settled."""
+    import mlflow
+
+    def die(*args, **kwargs):
+        raise Crash(point)
+
+    if point == "before-version":
+        monkeypatch.setattr(mlflow, "register_model", die)
+    elif point == "before-alias":
+        monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", die)
+    elif point == "before-settled":
+        from prefdiff.registry import TAG_SETTLED
+
+        real = mlflow.MlflowClient.set_model_version_tag
+
+        def tag(self, name, version, key, value):
+            if key == TAG_SETTLED:
+                die()
+            return real(self, name, version, key, value)
+
+        monkeypatch.setattr(mlflow.MlflowClient, "set_model_version_tag", tag)
+
+
+def _aliases(name: str) -> dict[str, int]:
+    import mlflow
+
+    return {alias: int(v) for alias, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
+
+
+@pytest.mark.parametrize("point", ["before-version", "before-alias", "before-settled"])
+@pytest.mark.parametrize("better", [True, False], ids=["promotes", "stays-challenger"])
+def test_register_converges_after_a_crash_at_any_point(registry, monkeypatch, point, better):
+    """v1 is champion; registering v2 dies at ``point``; the re-run with the same inputs finishes v2: exactly
+    one champion (v2 if it beats v1, else still v1 with v2 the challenger) and no duplicate version."""
+    import mlflow
+
+    name = f"crash-{point}-{better}"
+    _register(registry, name, _lora(registry, f"{name}-1", b"one"), {"trained_mean": 1.0, "base_mean": 0.0})
+    weights, metrics = _lora(registry, f"{name}-2", b"two"), {"trained_mean": 2.0 if better else 1.01,
+                                                              "base_mean": 0.0}
+    with monkeypatch.context() as m:
+        _crash_at(m, point)
+        with pytest.raises(Crash):
+            _register(registry, name, weights, metrics)
+    while mlflow.active_run() is not None:  # a killed process leaves no active run behind
+        mlflow.end_run("KILLED")
+
+    again = _register(registry, name, weights, metrics)
+    assert again.version == 2 and again.reused == (point != "before-version")
+    assert _versions(name) == [1, 2]
+    expected = {"champion": 2} if better else {"champion": 1, "challenger": 2}
+    assert _aliases(name) == expected
+    assert again.alias == ("champion" if better else "challenger")
+    assert again.action == ("promote" if better else "challenger") and again.compared_with == "champion v1"
+    tags = mlflow.MlflowClient().get_model_version(name, "2").tags
+    assert tags["prefdiff.settled"] == again.alias and tags["prefdiff.gate_action"] == again.action
+    # and once settled, more re-runs change nothing
+    assert _register(registry, name, weights, metrics).to_dict() == {**again.to_dict(), "reused": True}
+    assert _versions(name) == [1, 2] and _aliases(name) == expected
+
+
+def test_a_version_without_its_gate_tags_is_gated_and_finished(registry):
+    """A version that carries its fingerprint but no gate decision (created before its tags; or by an older
+    prefdiff) is gated on the re-run against the champion as it is then, and gets its alias."""
+    import mlflow
+
+    from prefdiff.registry import TAG_COMPARED_TO, TAG_COMPARED_WITH, TAG_GATE_ACTION, TAG_GATE_REASON, TAG_SETTLED
+
+    name = "untagged"
+    client = mlflow.MlflowClient()
+    _register(registry, name, _lora(registry, "u1", b"u1"), {"trained_mean": 1.0, "base_mean": 0.0})
+    weights, metrics = _lora(registry, "u2", b"u2"), {"trained_mean": 3.0, "base_mean": 0.0}
+    _register(registry, name, weights, metrics)
+    client.set_registered_model_alias(name, "champion", "1")  # as before v2 got its alias
+    for key in (TAG_GATE_ACTION, TAG_GATE_REASON, TAG_COMPARED_TO, TAG_COMPARED_WITH, TAG_SETTLED):
+        client.delete_model_version_tag(name, "2", key)
+    again = _register(registry, name, weights, metrics)
+    assert (again.version, again.alias, again.action, again.reused) == (2, "champion", "promote", True)
+    assert _versions(name) == [1, 2] and _aliases(name) == {"champion": 2}
+    assert client.get_model_version(name, "2").tags[TAG_GATE_ACTION] == "promote"
+
+
+def test_a_lost_champion_alias_is_restored_by_the_next_register(registry):
+    """The issue's reproduction: register, delete the alias (as a crash before it would leave it), register the
+    same inputs again. Before: 'kept v1 as challenger' and no champion for good. Now the champion is back."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = "lost-alias"
+    weights, metrics = _lora(registry, "lost", b"lost"), {"trained_mean": 1.0, "base_mean": 0.0}
+    _register(registry, name, weights, metrics)
+    client.delete_registered_model_alias(name, "champion")
+    again = _register(registry, name, weights, metrics)
+    assert (again.version, again.alias, again.reused) == (1, "champion", True) and _aliases(name) == {"champion": 1}
+
+    # with two promoted versions the newest one the gate promoted comes back, whichever inputs are re-run
+    newer = _register(registry, name, _lora(registry, "lost2", b"lost2"), {"trained_mean": 2.0, "base_mean": 0.0})
+    assert newer.alias == "champion" and newer.version == 2
+    client.delete_registered_model_alias(name, "champion")
+    old = _register(registry, name, weights, metrics)
+    assert (old.version, old.alias) == (1, "challenger") and _aliases(name) == {"champion": 2}
+    assert _versions(name) == [1, 2]
+
+
+def test_register_killed_before_its_alias_then_rerun(registry, tmp_path):
+    """A real kill -9 of a register process just after its version was created, then a re-run."""
+    import signal
+    import sys
+    import textwrap
+
+    name = "killed"
+    weights, metrics = _lora(registry, "killed", b"killed"), {"trained_mean": 1.0, "base_mean": 0.0}
+    script = tmp_path / "kill_register.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, mlflow
+        from prefdiff.gate import GateRule
+        from prefdiff.registry import register_model
+        mlflow.MlflowClient.set_registered_model_alias = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+        register_model(root={str(registry)!r}, weights_dir={str(weights)!r},
+                       eval_metrics={{**{metrics!r}, "protocol_fingerprint": {PROTOCOL!r}}},
+                       model_config={{"base_source": "builtin:tiny-sd"}}, model_name={name!r},
+                       rule=GateRule("trained_mean", "base_mean", 0.05), experiment="prefdiff-test")
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _versions(name) == [1] and _aliases(name) == {}  # the state the kill left
+
+    again = _register(registry, name, weights, metrics)
+    assert (again.version, again.alias, again.reused) == (1, "champion", True)
+    assert _versions(name) == [1] and _aliases(name) == {"champion": 1}
+
+
+def test_register_stage_killed_before_decision_json_then_rerun(registry, monkeypatch):
+    """The stage dies after the registry is done but before registry/decision.json is written: the re-run
+    writes it from the registry (reused, champion), with no second version."""
+    import json
+
+    import prefdiff.data.atomic
+    from stages import register as register_stage
+
+    ws = registry / "stage-ws"
+    (ws / "metrics").mkdir(parents=True, exist_ok=True)
+    (ws / "params.yaml").write_text("register:\n  experiment: prefdiff-test\n  model_name: stage-model\n")
+    (ws / "metrics" / "eval.json").write_text(json.dumps(
+        {"trained_mean_reward": 1.0, "base_mean_reward": 0.5, "protocol_fingerprint": PROTOCOL}))
+    (ws / "models").mkdir()
+    _lora(ws, "x", b"stage").rename(ws / "models" / "trained")
+    monkeypatch.chdir(ws)
+    with monkeypatch.context() as m:
+        m.setattr(prefdiff.data.atomic, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(Crash("json")))
+        with pytest.raises(Crash):
+            register_stage.main()
+    assert not (ws / "registry" / "decision.json").exists() and _aliases("stage-model") == {"champion": 1}
+    register_stage.main()
+    decision = json.loads((ws / "registry" / "decision.json").read_text())
+    assert (decision["version"], decision["alias"], decision["reused"]) == (1, "champion", True)
+    assert _versions("stage-model") == [1]
+
+
+def test_register_stage_refuses_non_finite_metrics_in_one_line(registry, monkeypatch, capsys):
+    import json
+
+    from stages import register as register_stage
+
+    ws = registry / "nan-ws"
+    (ws / "metrics").mkdir(parents=True, exist_ok=True)
+    (ws / "params.yaml").write_text("register:\n  experiment: prefdiff-test\n  model_name: nan-stage\n")
+    (ws / "metrics" / "eval.json").write_text(json.dumps(
+        {"trained_mean_reward": float("nan"), "base_mean_reward": 0.5, "protocol_fingerprint": PROTOCOL}))
+    monkeypatch.chdir(ws)
+    with pytest.raises(SystemExit) as exit_:
+        register_stage.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert err.startswith("error: ") and "eval.json" in err and "'trained_mean_reward' is nan" in err
+    assert _versions("nan-stage") == []
+
+
+def test_a_killed_stage_run_is_marked_killed_by_the_next_start(registry, tmp_path):
+    """kill -9 of a stage leaves its MLflow run RUNNING for good; the next stage start on this host marks it
+    KILLED (naming the dead process), and leaves the run of a process that is still alive alone."""
+    import signal
+    import sys
+    import textwrap
+
+    import mlflow
+
+    from prefdiff import tracking
+
+    script = tmp_path / "hold_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import time, mlflow
+        from prefdiff.tracking import stage_run
+        with stage_run("train", {str(registry)!r}, "prefdiff-test") as run:
+            print(run.info.run_id, flush=True)
+            time.sleep(600)
+    """))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        killed, alive = (p.stdout.readline().strip() for p in procs)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(timeout=30)
+        assert mlflow.get_run(killed).info.status == "RUNNING"  # what a kill leaves behind
+
+        with tracking.stage_run("evaluate", registry, "prefdiff-test"):
+            pass
+        got = mlflow.get_run(killed)
+        assert got.info.status == "KILLED" and f"process {procs[0].pid}" in got.data.tags["prefdiff.closed"]
+        assert mlflow.get_run(alive).info.status == "RUNNING" and "prefdiff.closed" not in mlflow.get_run(alive).data.tags
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
