@@ -3,7 +3,6 @@ no code dependency's hash, so a committed dvc.lock matches a fresh clone before 
 ``.dvcignore`` excludes bytecode; without it the same check reports the code directories modified."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
