@@ -35,6 +35,7 @@ from evaluation.stats import mean_ci, win_rate_summary
 from prefdiff.config import Params
 from prefdiff.data.atomic import atomic_write_json, atomic_write_text
 from prefdiff.paths import Paths
+from prefdiff.progress import progress_bar
 from prefdiff.prompts import get_prompt_set
 
 _SNAPSHOT = re.compile(r"epoch-(\d+)")
@@ -186,9 +187,17 @@ def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
     began = time.time()
 
     def run(label: str, names: list[str]) -> tuple[list, dict[str, np.ndarray]]:
-        images = generate(pipe, prompts, seeds, cfg, batch_size=ep.batch_size)
+        # One generate call per batch (the batches generate would form itself: the same images) so the bar
+        # moves per batch, with the rate and ETA of this phase.
+        images: list = []
+        with progress_bar(desc=f"evaluate {label}: sampling", total=len(prompts), unit="img") as bar:
+            for start in range(0, len(prompts), ep.batch_size):
+                batch = slice(start, start + ep.batch_size)
+                images += generate(pipe, prompts[batch], seeds[batch], cfg, batch_size=ep.batch_size)
+                bar.update(len(prompts[batch]))
         # the label stage's stored values (float32 scores as their shortest decimals: JPEG kB stay exact)
-        scores = {n: np.asarray(scores_as_decimals(scorers[n].score(images, prompts))) for n in names}
+        scores = {n: np.asarray(scores_as_decimals(scorers[n].score(images, prompts)))
+                  for n in progress_bar(names, desc=f"evaluate {label}: scoring", unit="scorer")}
         progress(f"{label}: {len(images)} samples, mean {primary} {scores[primary].mean():.5f} "
                  f"({time.time() - began:.1f} s)")
         return images, scores

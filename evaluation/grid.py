@@ -11,10 +11,13 @@ word-wrapped to the tile width; row labels and tile labels are drawn on one line
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from prefdiff.data.atomic import atomic_write_bytes
 
 __all__ = ["DIVIDER_W", "image_grid", "base_vs_trained_grid", "paired_rows_grid", "save_png_atomic"]
 
@@ -178,14 +181,10 @@ def paired_rows_grid(
 
 
 def save_png_atomic(img: Image.Image, path: str | os.PathLike[str]) -> Path:
-    """Write ``img`` as PNG to a temp name in the same directory, then ``os.replace`` onto ``path``."""
+    """Write ``img`` as PNG through :func:`prefdiff.data.atomic.atomic_write_bytes` (temp sibling, fsync,
+    ``os.replace``; a killed run's temp PNGs are removed by the next write there)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -16,6 +16,7 @@ Both are computed for a trained model whatever method trained it, so methods com
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from evaluation.stats import wilson_interval
+from prefdiff.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,15 @@ def elbo_implicit_accuracy(pipe, trained: Path, pairs: Sequence, *, beta: float 
 
     builder = PairBatchBuilder(pipe, pairs, device=pipe.unet.device, empty_prompt_prob=0.0)
     batches = [torch.arange(i, min(i + batch_size, len(pairs))) for i in range(0, len(pairs), batch_size)]
-    ref = [_pair_mses(pipe, builder, rows, draws, seed) for rows in batches]
-    with trained_weights(pipe, trained):
-        pol = [_pair_mses(pipe, builder, rows, draws, seed) for rows in batches]
+    with progress_bar(desc="implicit accuracy (ELBO): base, then trained", total=2 * len(pairs), unit="pair") as bar:
+        def mses(rows: torch.Tensor) -> torch.Tensor:
+            out = _pair_mses(pipe, builder, rows, draws, seed)
+            bar.update(len(rows))
+            return out
+
+        ref = [mses(rows) for rows in batches]
+        with trained_weights(pipe, trained):
+            pol = [mses(rows) for rows in batches]
     margins = []
     for m, r, rows in zip(pol, ref, batches):
         b = len(rows)
@@ -109,13 +117,25 @@ def trajectory_implicit_accuracy(pipe, trained: Path, trajectories, pairs: Seque
     pipe.scheduler.set_timesteps(trajectories.num_steps, device=pipe.unet.device)
     cfg = SamplingConfig(num_steps=trajectories.num_steps, eta=eta, guidance_scale=guidance)
 
-    def summed() -> torch.Tensor:
-        return reference_log_probs(pipe, chain, trajectories.timesteps, embeds, uncond, cfg, eta=eta,
-                                   batch_size=batch_size).double().sum(1)
+    # reference_log_probs batches the flat (image, step) list by batch_size; chunks of `per_chunk` images span
+    # a multiple of batch_size transitions, so chunk by chunk forms the very same batches (the same numbers)
+    # while the bar moves.
+    per_chunk = math.lcm(batch_size, trajectories.num_steps) // trajectories.num_steps
+    bar = progress_bar(desc="implicit accuracy (trajectory): base, then trained", total=2 * len(ids), unit="img")
 
-    base = summed()
-    with trained_weights(pipe, trained):
-        tuned = summed()
+    def summed() -> torch.Tensor:
+        parts = []
+        for start in range(0, len(ids), per_chunk):
+            rows = slice(start, start + per_chunk)
+            parts.append(reference_log_probs(pipe, chain[rows], trajectories.timesteps, embeds[rows], uncond, cfg,
+                                             eta=eta, batch_size=batch_size).double().sum(1))
+            bar.update(len(parts[-1]))
+        return torch.cat(parts)
+
+    with bar:
+        base = summed()
+        with trained_weights(pipe, trained):
+            tuned = summed()
     return accuracy_of_log_ratios(tuned - base, row, pairs)  # [N] summed log pi_trained / pi_base per image
 
 

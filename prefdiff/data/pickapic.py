@@ -42,6 +42,7 @@ from PIL import Image
 from prefdiff.data import DatasetError
 from prefdiff.data.atomic import sha256_file
 from prefdiff.data.preferences import ImagePairWriter, workspace_ref
+from prefdiff.progress import progress_bar
 
 REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 ALLOWED_LABELS = (0.0, 0.5, 1.0)
@@ -269,7 +270,8 @@ def import_pickapic(
     rejections: list[str] = []
     file_info: list[dict] = []
     t0 = time.monotonic()
-    with ImagePairWriter(out_dir, judge=judge, source=source) as writer:
+    bar = progress_bar(desc="import pickapic", total=total, unit="row")
+    with bar, ImagePairWriter(out_dir, judge=judge, source=source) as writer:
         done = False
         for path, pf in parquet:
             info = {"path": workspace_ref(path), "sha256": sha256_file(path), "rows_read": 0}
@@ -305,6 +307,8 @@ def import_pickapic(
                     rejected += 1
                     if len(rejections) < _MAX_REJECTIONS_LISTED:
                         rejections.append(str(e))
+                bar.set_postfix({"pairs": writer.num_pairs, "ties": ties, "rejected": rejected}, refresh=False)
+                bar.update(1)
                 if rows_read % progress_every == 0:
                     rate = rows_read / max(time.monotonic() - t0, 1e-9)
                     say(f"read {rows_read}/{total} rows: {writer.num_pairs} pairs, {ties} ties dropped, "

@@ -1,0 +1,40 @@
+"""Progress bars for long phases: count, rate and ETA, readable in a terminal and in a log.
+
+The stages run under ``dvc repro``, often inside a Prefect flow that logs the stage's output line by line
+(``flows.round.stream_command`` reads it as text, so each ``\\r`` redraw of a bar ends a line). In a
+terminal a bar redraws in place twice a second; anywhere else (a pipe, a log file, Prefect) it redraws at
+most every ``LOG_INTERVAL_S`` seconds, in ASCII and a fixed width, so a long phase gives a readable log
+line with its rate and ETA every few seconds instead of thousands of fragments. The last redraw (on close)
+always shows the final count, the elapsed time and the mean rate.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+TERMINAL_INTERVAL_S = 0.5
+LOG_INTERVAL_S = 10.0
+LOG_WIDTH = 100  # characters of a bar's log line
+
+
+def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | None = None, unit: str = "it",
+                 **options: Any):
+    """A ``tqdm`` bar on stderr (rate and ETA in its line), redrawn as described in the module docstring.
+
+    ``with progress_bar(desc="evaluate: sampling", total=n, unit="img") as bar: ... bar.update(k)``, or
+    iterate ``progress_bar(items, desc=...)``. ``options`` go to tqdm unchanged (``postfix``, ``leave``, ...).
+    """
+    from tqdm import tqdm
+
+    terminal = sys.stderr.isatty()
+    settings: dict[str, Any] = {"desc": desc, "total": total, "unit": unit, "file": sys.stderr,
+                                "mininterval": TERMINAL_INTERVAL_S if terminal else LOG_INTERVAL_S,
+                                "dynamic_ncols": terminal, "ascii": not terminal}
+    if not terminal:
+        settings["ncols"] = LOG_WIDTH
+    return tqdm(iterable, **(settings | options))
+
+
+__all__ = ["LOG_INTERVAL_S", "TERMINAL_INTERVAL_S", "progress_bar"]
