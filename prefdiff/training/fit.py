@@ -291,8 +291,8 @@ def training_memory_knobs(params: Params) -> list[str]:
     Not the timestep fraction: every timestep is its own backward (``accumulate``), so it changes the time
     per step, not the peak."""
     tp = params.train
-    knobs = [f"train.batch_size {tp.batch_size} -> smaller (the {params.train.method} items of one UNet call; "
-             f"raise train.gradient_accumulation_steps to keep the effective batch)"]
+    knobs = [f"train.batch_size {tp.batch_size} -> smaller (items per micro-batch; raise "
+             f"train.gradient_accumulation_steps to keep the effective batch)"]
     if not tp.gradient_checkpointing:
         knobs.append("train.gradient_checkpointing false -> true (recompute activations in backward)")
     if tp.mixed_precision == "no":
