@@ -255,8 +255,8 @@ def test_out_of_memory_in_the_sample_stage_is_one_line_naming_the_knobs(tmp_path
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(sampler, "_run_chain", oom)
-    params = merged(yaml.safe_load((REPO / "params.yaml").read_text()),
-                    merged(OVERRIDES, {"model": {"source": "builtin:tiny-sd"}, "train": {"d3po": {"timestep_window": None}}}))
+    tiny = {"model": {"source": "builtin:tiny-sd"}, "train": {"d3po": {"timestep_window": None}}}
+    params = merged(yaml.safe_load((REPO / "params.yaml").read_text()), merged(OVERRIDES, tiny))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     with isolated_mlflow(mlflow_uri), pytest.raises(SystemExit) as exit_:

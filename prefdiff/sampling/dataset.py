@@ -14,7 +14,7 @@ from typing import Any
 
 from prefdiff.config import Params
 from prefdiff.prompts import get_prompt_set
-from prefdiff.sampling.guards import memory_knobs
+from prefdiff.sampling.guards import above_bars, memory_knobs
 
 
 def group_seed(base_seed: int, group_index: int) -> int:
@@ -97,7 +97,8 @@ def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Param
              f"eta {cfg.eta}, guidance {cfg.guidance_scale}, on {pipe.unet.device}")
 
     def report(done: int, total: int) -> None:
-        progress(f"sampled {done}/{total} groups ({time.time() - began:.1f} s)")
+        with above_bars():
+            progress(f"sampled {done}/{total} groups ({time.time() - began:.1f} s)")
 
     with (memory_knobs("while sampling", sampling_memory_knobs(params)),
           TrajectoryWriter(out_dir, shard_size=sp.shard_size, model=model,

@@ -60,4 +60,17 @@ def progress_bar(total: int, desc: str, unit: str, *, initial: int = 0):
                 dynamic_ncols=tty, ncols=None if tty else 100, ascii=not tty)
 
 
-__all__ = ["NumericsError", "OutOfMemory", "RunError", "is_out_of_memory", "memory_knobs", "progress_bar"]
+@contextmanager
+def above_bars() -> Iterator[None]:
+    """Print a line above the progress bars: on a terminal they are cleared first and redrawn below it
+    (elsewhere every redraw is a line of its own anyway)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        yield
+
+
+__all__ = ["NumericsError", "OutOfMemory", "RunError", "above_bars", "is_out_of_memory", "memory_knobs", "progress_bar"]

@@ -108,7 +108,8 @@ def sample_groups(
     groups_per_batch = max(1, batch_size // images_per_group)
     with progress_bar(len(prompts) * images_per_group, "sample", "img") as bar:
         for start in range(0, len(prompts), groups_per_batch):
-            batch_prompts, batch_seeds = prompts[start : start + groups_per_batch], seeds[start : start + groups_per_batch]
+            batch_prompts = prompts[start : start + groups_per_batch]
+            batch_seeds = seeds[start : start + groups_per_batch]
             noises = [seeded_noise(s, images_per_group, cfg.num_steps, shape) for s in batch_seeds]
             x_T = torch.stack([x.expand(images_per_group, *shape) for x, _ in noises]).flatten(0, 1)
             z = torch.cat([zz for _, zz in noises])

@@ -47,7 +47,7 @@ from prefdiff.data.atomic import atomic_dir
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.sampling.dataset import dtype_knob
-from prefdiff.sampling.guards import NumericsError, memory_knobs, progress_bar
+from prefdiff.sampling.guards import NumericsError, above_bars, memory_knobs, progress_bar
 from prefdiff.sampling.guidance import Conditioning, encode_prompts
 from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from prefdiff.training.trainable import TrainableUNet
@@ -443,10 +443,11 @@ def fit(
                 log_metrics({f"train/{k}": v for k, v in step.means.items()} | {"train/grad_norm": step.grad_norm},
                             plan.step)
             skipped = nonfinite_steps(curve)
-            progress(f"step {plan.step}/{total_steps} epoch {epoch}: "
-                     + " ".join(f"{k} {v:.5g}" for k, v in step.means.items()) + f" grad_norm {step.grad_norm:.4g}"
-                     + (f" (skipped: non-finite, {skipped} of at most train.max_nonfinite_steps = "
-                        f"{tp.max_nonfinite_steps})" if step.skipped else ""))
+            with above_bars():
+                progress(f"step {plan.step}/{total_steps} epoch {epoch}: "
+                         + " ".join(f"{k} {v:.5g}" for k, v in step.means.items()) + f" grad_norm {step.grad_norm:.4g}"
+                         + (f" (skipped: non-finite, {skipped} of at most train.max_nonfinite_steps = "
+                            f"{tp.max_nonfinite_steps})" if step.skipped else ""))
             bar.set_postfix_str(f"step {plan.step}/{total_steps} loss {step.means['loss']:.5g}", refresh=False)
             if skipped > tp.max_nonfinite_steps:
                 raise NumericsError(too_many_nonfinite(params, plan.step, total_steps, step, curve))
