@@ -330,8 +330,8 @@ def too_many_nonfinite(params: Params, step: int, total: int, result: StepResult
 
 
 def did_not_learn(params: Params, curve: list[dict[str, float]], norm: float, *, steps_this_call: int) -> str | None:
-    """Why a finished run must not be used although every step was finite enough: no step taken, weights that
-    did not change, or a loss that never moved from its first value (None: it learned)."""
+    """Why a finished run must not be handed on (to evaluate and register): no optimizer step taken, weights
+    that did not change, or a loss that never moved from its first value. None: it learned."""
     if steps_this_call == 0:
         return None  # resumed from the final checkpoint: nothing trained in this call
     taken = [row for row in curve if not row.get("skipped")]
@@ -378,7 +378,7 @@ def fit(
     tp, name = params.train, params.train.method
     method_cls: type[Method] = resolve(TRAIN_METHODS[name])
     preferences, trajectories = _open_data(method_cls, name, trajectories_dir, preferences_dir)
-    with memory_knobs("while loading the model and the training data", training_memory_knobs(params)):
+    with memory_knobs("while loading the model and the training data", [dtype_knob(params.model.dtype)]):
         if model is None:
             model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
         method = method_cls(FitContext(params, model, preferences, trajectories, progress))
