@@ -292,6 +292,9 @@ class TrainParams(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
+    # optimizer steps with a non-finite loss or gradient that are skipped before the run stops (fp16's grad
+    # scaler skips a few while it calibrates)
+    max_nonfinite_steps: int = Field(10, ge=0, le=1_000_000)
     optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
     scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
     lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share

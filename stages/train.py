@@ -48,4 +48,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from prefdiff.sampling.guards import RunError
+
+    try:
+        main()
+    except RunError as err:  # non-finite numbers, a policy that did not learn, out of memory: what to change
+        refuse(err)

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefdiff.config import Params
 from prefdiff.prompts import get_prompt_set
+from prefdiff.sampling.guards import above_bars, memory_knobs
 
 
 def group_seed(base_seed: int, group_index: int) -> int:
@@ -62,6 +63,18 @@ def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], N
         pipe.unload_lora_weights()  # a caller's pipeline goes back as it came: the base
 
 
+def sampling_memory_knobs(params: Params) -> list[str]:
+    """The params that lower the sampler's peak memory, with their values now (the out-of-memory message)."""
+    return [f"sample.batch_size {params.sample.batch_size} -> smaller (images per UNet call, x2 for guidance)",
+            dtype_knob(params.model.dtype)]
+
+
+def dtype_knob(dtype: str) -> str:
+    if dtype == "float32":
+        return "model.dtype float32 -> bfloat16 (or float16): half the memory of weights and activations"
+    return f"model.dtype {dtype} (already half precision)"
+
+
 def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Params, out_dir: Path, *,
                        policy: dict[str, Any] | None = None, base_sha256: str | None = None,
                        progress: Callable[[str], None] = print) -> Path:
@@ -84,10 +97,12 @@ def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Param
              f"eta {cfg.eta}, guidance {cfg.guidance_scale}, on {pipe.unet.device}")
 
     def report(done: int, total: int) -> None:
-        progress(f"sampled {done}/{total} groups ({time.time() - began:.1f} s)")
+        with above_bars():
+            progress(f"sampled {done}/{total} groups ({time.time() - began:.1f} s)")
 
-    with TrajectoryWriter(out_dir, shard_size=sp.shard_size, model=model,
-                          params={"sample": sp.model_dump(), "sampling": params.sampling.model_dump()}) as writer:
+    with (memory_knobs("while sampling", sampling_memory_knobs(params)),
+          TrajectoryWriter(out_dir, shard_size=sp.shard_size, model=model,
+                           params={"sample": sp.model_dump(), "sampling": params.sampling.model_dump()}) as writer):
         for group in sample_groups(pipe, prompts, seeds, sp.images_per_group, cfg, batch_size=sp.batch_size,
                                    progress=report):
             writer.add_group(group)

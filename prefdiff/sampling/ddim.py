@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prefdiff.sampling.guards import NumericsError
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -35,6 +37,41 @@ class DDIMStep:
 
 def _per_sample(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.to(index.device)[index].view(-1, 1, 1, 1)
+
+
+def _alphas(scheduler, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, alpha_prev) [B, 1, 1, 1] fp32 of integer timesteps ``t`` [B]."""
+    # prev_t = t - T_train / T_infer (DDIM's step spacing, as diffusers).
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas_cumprod = scheduler.alphas_cumprod.to(t.device, torch.float32)
+    alpha_t = _per_sample(alphas_cumprod, t)
+    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=t.device)
+    alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final).view(-1, 1, 1, 1)
+    return alpha_t, alpha_prev
+
+
+def check_log_probs_defined(scheduler) -> None:
+    """Refuse a schedule (after ``set_timesteps``) with a step of sigma 0, whose log-prob is NaN (Eq. 16: the
+    variance is 0 when alpha_prev = 1).
+
+    That is the last step of a config with ``set_alpha_to_one: true`` (final_alpha_cumprod = 1), and
+    ``DDIMScheduler.from_config`` defaults that key to true when a config lacks it; SD 1.5 ships false.
+    """
+    t = scheduler.timesteps.long()
+    alpha_t, alpha_prev = _alphas(scheduler, t)
+    variance = ((1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)).flatten()
+    bad = ~(variance > 0)  # 0 or NaN
+    if not bad.any():
+        return
+    j = int(bad.nonzero()[0])
+    where = f"DDIM step {j + 1}/{len(t)} (t={int(t[j])})"
+    if float(alpha_prev.flatten()[j]) == 1.0 and float(scheduler.final_alpha_cumprod) == 1.0:
+        raise NumericsError(
+            f"the scheduler config has set_alpha_to_one: true (a config without the key is read as true): {where} "
+            f"goes to alpha 1 with sigma 0, so its log-prob is NaN; set \"set_alpha_to_one\": false in the model's "
+            f"scheduler/scheduler_config.json (as SD 1.5 ships it)")
+    raise NumericsError(f"{where} of the scheduler has sigma 0, so its log-prob is undefined; check the scheduler "
+                        f"config's betas and timestep_spacing")
 
 
 def ddim_step_with_logprob(
@@ -69,12 +106,7 @@ def ddim_step_with_logprob(
     out = model_output.float()
     t = torch.as_tensor(timestep, device=x_t.device).long().expand(x_t.shape[0])
 
-    # 1. prev_t = t - T_train / T_infer (DDIM's step spacing, as diffusers).
-    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
-    alphas_cumprod = scheduler.alphas_cumprod.to(x_t.device, torch.float32)
-    alpha_t = _per_sample(alphas_cumprod, t)
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=x_t.device)
-    alpha_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final).view(-1, 1, 1, 1)
+    alpha_t, alpha_prev = _alphas(scheduler, t)
 
     # 2. predicted x_0 and epsilon (Eq. 12, "predicted x_0").
     if config.prediction_type == "epsilon":

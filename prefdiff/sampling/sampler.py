@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from prefdiff.data.trajectories import TrajectoryGroup
-from prefdiff.sampling.ddim import ddim_step_with_logprob
+from prefdiff.sampling.ddim import check_log_probs_defined, ddim_step_with_logprob
+from prefdiff.sampling.guards import NumericsError, progress_bar
 from prefdiff.sampling.guidance import encode_prompts, guided_noise_pred
 
 
@@ -52,16 +53,28 @@ def decode_images(pipe, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arrays]
 
 
+def non_finite_step_message(j: int, steps: int, t: int, eps: torch.Tensor, dtype: torch.dtype) -> str:
+    """Why the log-prob of DDIM step j is not finite: the UNet's output, or the step's own numbers."""
+    if torch.isfinite(eps).all():
+        return (f"non-finite log-prob at DDIM step {j + 1}/{steps} (t={t}) with a finite UNet output; check the "
+                f"scheduler config (set_alpha_to_one, betas) and sampling.eta")
+    fix = ("model.dtype float16 overflows in this UNet: use bfloat16 or float32" if dtype == torch.float16 else
+           "the model's weights or inputs hold NaN/inf (a LoRA trained to non-finite weights?)")
+    return f"non-finite UNet output at DDIM step {j + 1}/{steps} (t={t}), so its log-prob is not finite; {fix}"
+
+
 @torch.no_grad()
 def _run_chain(pipe, prompts: list[str], x_T: torch.Tensor, z: torch.Tensor, cfg: SamplingConfig):
     """Sample B chains. x_T [B,C,H,W], z [B,T,C,H,W] -> (chain [B,T+1,C,H,W], log_probs [B,T], timesteps [T]).
 
     The conditioning is ``encode_prompts``' (SDXL: pooled text embeds and the default size/crop time ids)
-    and the unconditional branch is the empty prompt's, as in the trainers.
+    and the unconditional branch is the empty prompt's, as in the trainers. A step whose log-prob is not
+    finite stops the run (NumericsError) instead of storing NaN.
     """
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
     scheduler.set_timesteps(cfg.num_steps, device=device)
+    check_log_probs_defined(scheduler)
     cond = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [""]).expand_as(cond)
     x = x_T.to(device, torch.float32)
@@ -70,6 +83,8 @@ def _run_chain(pipe, prompts: list[str], x_T: torch.Tensor, z: torch.Tensor, cfg
         t_batch = t.expand(x.shape[0])
         eps = guided_noise_pred(unet, x, t_batch, cond, uncond, cfg.guidance_scale)
         step = ddim_step_with_logprob(scheduler, eps, t_batch, x, eta=cfg.eta, noise=z[:, j].to(device))
+        if not torch.isfinite(step.log_prob).all():
+            raise NumericsError(non_finite_step_message(j, len(scheduler.timesteps), int(t), eps, unet.dtype))
         x = step.prev_sample
         chain.append(x.cpu())
         log_probs.append(step.log_prob.cpu())
@@ -91,22 +106,25 @@ def sample_groups(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per group")
     shape = latent_shape(pipe)
     groups_per_batch = max(1, batch_size // images_per_group)
-    for start in range(0, len(prompts), groups_per_batch):
-        batch_prompts, batch_seeds = prompts[start : start + groups_per_batch], seeds[start : start + groups_per_batch]
-        noises = [seeded_noise(s, images_per_group, cfg.num_steps, shape) for s in batch_seeds]
-        x_T = torch.stack([x.expand(images_per_group, *shape) for x, _ in noises]).flatten(0, 1)
-        z = torch.cat([zz for _, zz in noises])
-        image_prompts = [p for p in batch_prompts for _ in range(images_per_group)]
-        chain, log_probs, timesteps = _run_chain(pipe, image_prompts, x_T, z, cfg)
-        images = decode_images(pipe, chain[:, -1])
-        for g, (prompt, seed) in enumerate(zip(batch_prompts, batch_seeds)):
-            rows = slice(g * images_per_group, (g + 1) * images_per_group)
-            yield TrajectoryGroup(
-                prompt=prompt, seed=seed, latents=chain[rows].contiguous(), log_probs=log_probs[rows].contiguous(),
-                timesteps=timesteps, images=images[rows],
-            )
-        if progress is not None:
-            progress(min(start + groups_per_batch, len(prompts)), len(prompts))
+    with progress_bar(len(prompts) * images_per_group, "sample", "img") as bar:
+        for start in range(0, len(prompts), groups_per_batch):
+            batch_prompts = prompts[start : start + groups_per_batch]
+            batch_seeds = seeds[start : start + groups_per_batch]
+            noises = [seeded_noise(s, images_per_group, cfg.num_steps, shape) for s in batch_seeds]
+            x_T = torch.stack([x.expand(images_per_group, *shape) for x, _ in noises]).flatten(0, 1)
+            z = torch.cat([zz for _, zz in noises])
+            image_prompts = [p for p in batch_prompts for _ in range(images_per_group)]
+            chain, log_probs, timesteps = _run_chain(pipe, image_prompts, x_T, z, cfg)
+            images = decode_images(pipe, chain[:, -1])
+            for g, (prompt, seed) in enumerate(zip(batch_prompts, batch_seeds)):
+                rows = slice(g * images_per_group, (g + 1) * images_per_group)
+                yield TrajectoryGroup(
+                    prompt=prompt, seed=seed, latents=chain[rows].contiguous(), log_probs=log_probs[rows].contiguous(),
+                    timesteps=timesteps, images=images[rows],
+                )
+            bar.update(len(image_prompts))
+            if progress is not None:
+                progress(min(start + groups_per_batch, len(prompts)), len(prompts))
 
 
 def generate(

@@ -46,6 +46,8 @@ from prefdiff.data import DatasetError
 from prefdiff.data.atomic import atomic_dir
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
+from prefdiff.sampling.dataset import dtype_knob
+from prefdiff.sampling.guards import NumericsError, above_bars, memory_knobs, progress_bar
 from prefdiff.sampling.guidance import Conditioning, encode_prompts
 from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from prefdiff.training.trainable import TrainableUNet
@@ -188,16 +190,36 @@ def plan_steps(items: int, tp: TrainParams, start_step: int) -> Iterator[StepPla
             yield StepPlan(epoch=epoch, step=step, epoch_done=opt_index + 1 == per_epoch, micro_batches=micro)
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step: the means of the method's metrics over its units, the gradient norm before
+    clipping, and whether the step was skipped (a non-finite loss or gradient norm)."""
+
+    means: dict[str, float]
+    grad_norm: float
+    skipped: bool
+
+
+def backwards_before(step: int, items: int, tp: TrainParams, units: int) -> int:
+    """Backward passes of the run's first ``step`` optimizer steps (every micro-batch back-propagates ``units``
+    times; an epoch's last step may hold fewer micro-batches)."""
+    batches, per_epoch = steps_per_epoch(items, tp)
+    epochs, rest = divmod(step, per_epoch)
+    return (epochs * batches + min(batches, rest * tp.gradient_accumulation_steps)) * units
+
+
 def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
-               timesteps: tuple[int, int] | None) -> dict[str, float]:
-    """Back-propagate every unit of one optimizer step, then step; the means of the method's metrics.
+               timesteps: tuple[int, int] | None, on_backward: Callable[[], None] = lambda: None) -> StepResult:
+    """Back-propagate every unit of one optimizer step, then step (unless a loss or the gradient is not finite).
 
     ``timesteps``: (W, steps trained per item) for a timestep method, else None: each item trains that many
     steps of a random permutation of the chain's first W steps (W = T: any step, as the official code).
+    ``on_backward`` runs after every backward (the progress bar).
     """
     units = 1 if timesteps is None else timesteps[1]
     backwards, count = len(plan.micro_batches) * units, 0
     sums = dict.fromkeys(method.metrics, 0.0)
+    loss_finite = True
     for b_index, rows in plan.micro_batches:
         generator = rng(seed, plan.epoch, b_index)
         if timesteps is None:
@@ -210,11 +232,14 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
             sync = nullcontext() if count == backwards else model.accelerator.no_sync(model.unet)
             with sync:
                 loss, metrics = method.loss(Unit(rows, generator, step_index))
+                loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
                 model.accelerator.backward(loss / backwards)
             for key in sums:
                 sums[key] += metrics[key]
-    model.optimizer_step()
-    return {k: v / count for k, v in sums.items()}
+            on_backward()
+    grad_norm = model.optimizer_step(loss_finite)
+    return StepResult({k: v / count for k, v in sums.items()}, grad_norm,
+                      skipped=not (loss_finite and math.isfinite(grad_norm)))
 
 
 def inputs_fingerprint(params: Params, preferences: PreferenceStore, trajectories: TrajectoryStore | None) -> str:
@@ -243,6 +268,90 @@ def _open_data(method_cls: type[Method], name: str, trajectories_dir: Path,
     return preferences, trajectories
 
 
+# "The loss never moved": every step's loss within this relative distance of the first (about 4 float32 ulps).
+# A policy that did not change still gives losses that differ in the last bits (its log-probs are computed in
+# other batches than the reference's: 1.5e-8 at ln 2 on builtin:tiny-sd), while the default digits D3PO run,
+# whose loss prints as 0.6931 throughout, moves up to 1.1e-4 from its first step (plots/train.csv).
+LOSS_UNMOVED_RTOL = 5e-7
+LARGE_LORA_SCALE = 64.0  # lora_alpha / lora_rank beyond this is named as the likely cause of overflow
+
+
+def nonfinite_steps(curve: list[dict[str, float]]) -> int:
+    return sum(1 for row in curve if row.get("skipped"))
+
+
+def update_norm(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
+    """L2 norm of the change of the trainable weights (fp32 CPU copies of ``TrainableUNet.weights``)."""
+    return math.sqrt(sum(float((after[k].double() - before[k].double()).square().sum()) for k in before))
+
+
+def training_memory_knobs(params: Params) -> list[str]:
+    """The params that lower training's peak memory, with their values now (the out-of-memory message).
+
+    Not the timestep fraction: every timestep is its own backward (``accumulate``), so it changes the time
+    per step, not the peak."""
+    tp = params.train
+    knobs = [f"train.batch_size {tp.batch_size} -> smaller (items per micro-batch; raise "
+             f"train.gradient_accumulation_steps to keep the effective batch)"]
+    if not tp.gradient_checkpointing:
+        knobs.append("train.gradient_checkpointing false -> true (recompute activations in backward)")
+    if tp.mixed_precision == "no":
+        knobs.append("train.mixed_precision no -> bf16 (or fp16)")
+    knobs.append(dtype_knob(params.model.dtype))
+    if tp.finetune == "full":
+        knobs.append("train.finetune full -> lora (no gradients or optimizer state for every UNet weight)")
+    return knobs
+
+
+def likely_causes(params: Params, loss: float, grad_norm: float, steps_taken: int) -> str:
+    """The params most likely to have made a loss or gradient non-finite, with what to set instead."""
+    tp, causes = params.train, []
+    scale = tp.lora_alpha / tp.lora_rank
+    if tp.finetune == "lora" and scale > LARGE_LORA_SCALE:
+        causes.append(f"train.lora_alpha {tp.lora_alpha:g} too large (LoRA scale alpha/rank = {scale:g} overflows "
+                      f"the gradients; set it near train.lora_rank {tp.lora_rank})")
+    if tp.mixed_precision == "fp16" or params.model.dtype == "float16":
+        causes.append("fp16 overflow (train.mixed_precision: bf16 or no; model.dtype: bfloat16 or float32)")
+    if steps_taken > 0 and not math.isfinite(loss):
+        causes.append(f"train.lr {tp.lr:g} too high (finite for {steps_taken} steps, then diverged; lower it or "
+                      f"raise train.lr_warmup_fraction)")
+    if not causes:
+        causes.append(f"train.lr {tp.lr:g} too high, or non-finite data (re-run the sample stage)")
+    return "; ".join(causes)
+
+
+def too_many_nonfinite(params: Params, step: int, total: int, result: StepResult, curve: list[dict[str, float]]) -> str:
+    """Why the run stops: the step, its values and the likely cause, in one line."""
+    taken = sum(1 for row in curve if not row.get("skipped"))
+    return (f"training stopped at optimizer step {step}/{total}: {nonfinite_steps(curve)} steps with a non-finite "
+            f"loss or gradient, more than train.max_nonfinite_steps = {params.train.max_nonfinite_steps} (this step: "
+            f"loss {result.means['loss']:.6g}, gradient norm {result.grad_norm:.6g}); likely cause: "
+            + likely_causes(params, result.means["loss"], result.grad_norm, taken))
+
+
+def did_not_learn(params: Params, curve: list[dict[str, float]], norm: float, *, steps_this_call: int) -> str | None:
+    """Why a finished run must not be handed on (to evaluate and register): no optimizer step taken, weights
+    that did not change, or a loss that never moved from its first value. None: it learned."""
+    if steps_this_call == 0:
+        return None  # resumed from the final checkpoint: nothing trained in this call
+    taken = [row for row in curve if not row.get("skipped")]
+    if not taken:
+        last = curve[-1]
+        return (f"training took no optimizer step: all {len(curve)} had a non-finite loss or gradient (last: loss "
+                f"{last['loss']:.6g}, gradient norm {last['grad_norm']:.6g}); likely cause: "
+                + likely_causes(params, last["loss"], last["grad_norm"], 0))
+    if norm == 0.0:
+        return (f"the trained weights did not change in {steps_this_call} optimizer steps (update norm 0): the loss "
+                f"does not reach them (zero or no gradients); check train.lr {params.train.lr:g} and the method")
+    first = taken[0]["loss"]
+    if len(taken) > 1 and all(abs(row["loss"] - first) <= LOSS_UNMOVED_RTOL * abs(first) for row in taken):
+        return (f"the loss never moved from its first value {first:.7g} in {len(taken)} optimizer steps (update norm "
+                f"{norm:.3g}): the policy did not learn; likely cause: gradients clipped to nothing or too small an "
+                f"update (train.lr {params.train.lr:g}, train.lora_alpha {params.train.lora_alpha:g}, "
+                f"train.max_grad_norm {params.train.max_grad_norm:g})")
+    return None
+
+
 def fit(
     params: Params,
     *,
@@ -269,9 +378,10 @@ def fit(
     tp, name = params.train, params.train.method
     method_cls: type[Method] = resolve(TRAIN_METHODS[name])
     preferences, trajectories = _open_data(method_cls, name, trajectories_dir, preferences_dir)
-    if model is None:
-        model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
-    method = method_cls(FitContext(params, model, preferences, trajectories, progress))
+    with memory_knobs("while loading the model and the training data", [dtype_knob(params.model.dtype)]):
+        if model is None:
+            model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
+        method = method_cls(FitContext(params, model, preferences, trajectories, progress))
     _, per_epoch = steps_per_epoch(method.items, tp)
     total_steps = per_epoch * tp.epochs
     timesteps = None
@@ -297,7 +407,8 @@ def fit(
     else:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a stale run's state and snapshots
         curve, start_step = [], 0
-        method.precomputed = method.precompute()
+        with memory_knobs("in the reference log-prob pass", [dtype_knob(params.model.dtype)]):
+            method.precomputed = method.precompute()
 
     per_item = "" if timesteps is None else f", {timesteps[1]}/{trajectories.num_steps} timesteps per item" + (
         "" if timesteps[0] == trajectories.num_steps else f" (of the first {timesteps[0]})")
@@ -306,38 +417,61 @@ def fit(
              f"{per_item}, lr {model.base_lr:g}" + (f", {method.describe()}" if method.describe() else ""))
 
     def summary(step: int) -> TrainSummary:
-        """Final metrics = the mean of every logged metric over the last epoch's optimizer steps."""
-        rows = [r for r in curve if r["epoch"] == curve[-1]["epoch"]] if curve else []
+        """Final metrics = the mean of every logged metric over the last epoch's optimizer steps taken (a
+        skipped step's metrics may be non-finite)."""
+        last = [r for r in curve if r["epoch"] == curve[-1]["epoch"]] if curve else []
+        rows = [r for r in last if not r.get("skipped")]
         final = {k: sum(r[k] for r in rows) / len(rows) for k in method.metrics} if rows else {}
+        extra["nonfinite_steps"] = nonfinite_steps(curve)
+        extra["update_norm"] = update_norm(start_weights, model.weights())
         return TrainSummary(method=name, steps=step, epochs=tp.epochs, items=method.items,
                             resumed_from_step=start_step, seconds=time.time() - began, final=final, curve=curve,
                             extra=extra)
 
-    for plan in plan_steps(method.items, tp, start_step):
-        lr = model.set_lr(plan.step, total_steps)
-        means = accumulate(model, method, plan, tp.seed, timesteps)
-        epoch = plan.epoch + 1
-        curve.append({"step": plan.step, "epoch": epoch, **means, "lr": lr})
-        if log_metrics is not None:
-            log_metrics({f"train/{k}": v for k, v in means.items()}, plan.step)
-        progress(f"step {plan.step}/{total_steps} epoch {epoch}: " + " ".join(f"{k} {v:.5g}" for k, v in means.items()))
-        if snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
-            with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
-                model.save(tmp)
-        interrupted = stop_after_steps is not None and plan.step - start_step >= stop_after_steps
-        if plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted:
-            save_checkpoint(state_dir, fingerprint=fingerprint, step=plan.step, weights=model.weights(),
-                            optimizer_state=model.optimizer.state_dict(), precomputed=method.precomputed,
-                            curve=curve)
-        if interrupted:
-            return summary(plan.step)
+    start_weights = model.weights()  # the update norm of this call: did training change the policy at all?
+    units = 1 if timesteps is None else timesteps[1]
+    bar = progress_bar(backwards_before(total_steps, method.items, tp, units), f"train {name}", "backward",
+                       initial=backwards_before(start_step, method.items, tp, units))
+    with bar, memory_knobs("while training", training_memory_knobs(params)):
+        for plan in plan_steps(method.items, tp, start_step):
+            lr = model.set_lr(plan.step, total_steps)
+            step = accumulate(model, method, plan, tp.seed, timesteps, on_backward=bar.update)
+            epoch = plan.epoch + 1
+            curve.append({"step": plan.step, "epoch": epoch, **step.means, "lr": lr, "grad_norm": step.grad_norm,
+                          "skipped": int(step.skipped)})
+            if log_metrics is not None:
+                log_metrics({f"train/{k}": v for k, v in step.means.items()} | {"train/grad_norm": step.grad_norm},
+                            plan.step)
+            skipped = nonfinite_steps(curve)
+            with above_bars():
+                progress(f"step {plan.step}/{total_steps} epoch {epoch}: "
+                         + " ".join(f"{k} {v:.5g}" for k, v in step.means.items()) + f" grad_norm {step.grad_norm:.4g}"
+                         + (f" (skipped: non-finite, {skipped} of at most train.max_nonfinite_steps = "
+                            f"{tp.max_nonfinite_steps})" if step.skipped else ""))
+            bar.set_postfix_str(f"step {plan.step}/{total_steps} loss {step.means['loss']:.5g}", refresh=False)
+            if skipped > tp.max_nonfinite_steps:
+                raise NumericsError(too_many_nonfinite(params, plan.step, total_steps, step, curve))
+            if snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
+                with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
+                    model.save(tmp)
+            interrupted = stop_after_steps is not None and plan.step - start_step >= stop_after_steps
+            if plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted:
+                save_checkpoint(state_dir, fingerprint=fingerprint, step=plan.step, weights=model.weights(),
+                                optimizer_state=model.optimizer.state_dict(), precomputed=method.precomputed,
+                                curve=curve)
+            if interrupted:
+                return summary(plan.step)
+    done = summary(total_steps)
+    why = did_not_learn(params, curve, done.extra["update_norm"], steps_this_call=total_steps - start_step)
+    if why is not None:  # before out_dir: a policy that did not learn is never written, so never registered
+        raise NumericsError(why)
     # The final weights at the top of out_dir, the epoch snapshots below them, written as one unit so a
     # crash never leaves a partial dir.
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
         if snapshot_dir.is_dir():
             shutil.copytree(snapshot_dir, tmp / "snapshots")
-    return summary(total_steps)
+    return done
 
 
 __all__ = ["FitContext", "Method", "PromptTable", "Unit", "fit", "rng"]

@@ -155,10 +155,19 @@ class TrainableUNet:
             group["lr"] = lr
         return lr
 
-    def optimizer_step(self) -> None:
-        self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm)
-        self.optimizer.step()
+    def optimizer_step(self, loss_finite: bool = True) -> float:
+        """Clip the gradients and step, unless the loss or the gradient norm is not finite; returns the gradient
+        norm before clipping.
+
+        Skipped because clipping by an infinite norm zeroes every gradient (an overflow silently becomes "no
+        update") and a NaN one spreads to every weight. Under fp16 mixed precision the grad scaler gets every
+        step call: it skips a step with non-finite gradients itself and lowers its scale.
+        """
+        norm = float(self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm))
+        if self.accelerator.scaler is not None or (loss_finite and math.isfinite(norm)):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def save(self, out_dir: Path) -> None:
         """Write the trained weights into ``out_dir`` (a LoRA, or the full UNet under ``unet/``)."""

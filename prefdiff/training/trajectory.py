@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from prefdiff.data.trajectories import TrajectoryStore
-from prefdiff.sampling.ddim import ddim_step_with_logprob
+from prefdiff.sampling.ddim import check_log_probs_defined, ddim_step_with_logprob
+from prefdiff.sampling.guards import progress_bar
 from prefdiff.sampling.guidance import Conditioning, guided_noise_pred
 from prefdiff.training.fit import PromptTable
 
@@ -44,17 +45,21 @@ def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: flo
     n, steps = chain.shape[0], (chain.shape[1] - 1 if first_steps is None else first_steps)
     out = torch.empty(n, steps)
     flat = [(i, j) for i in range(n) for j in range(steps)]
-    for start in range(0, len(flat), batch_size):
-        ii = torch.tensor([i for i, _ in flat[start : start + batch_size]])
-        jj = torch.tensor([j for _, j in flat[start : start + batch_size]])
-        out[ii, jj] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
-                                     guidance=cfg.guidance_scale, eta=eta).cpu()
+    with progress_bar(len(flat), "reference log-probs", "img-step") as bar:
+        for start in range(0, len(flat), batch_size):
+            ii = torch.tensor([i for i, _ in flat[start : start + batch_size]])
+            jj = torch.tensor([j for _, j in flat[start : start + batch_size]])
+            out[ii, jj] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
+                                         guidance=cfg.guidance_scale, eta=eta).cpu()
+            bar.update(len(ii))
     return out
 
 
 def check_timesteps(pipe, trajectories: TrajectoryStore, device) -> None:
-    """Set the scheduler to the trajectories' step count and refuse a mismatch (another scheduler config)."""
+    """Set the scheduler to the trajectories' step count and refuse a mismatch (another scheduler config) or a
+    step whose log-prob is undefined."""
     pipe.scheduler.set_timesteps(trajectories.num_steps, device=device)
+    check_log_probs_defined(pipe.scheduler)
     if not torch.equal(pipe.scheduler.timesteps.cpu().long(), trajectories.timesteps):
         raise ValueError(
             f"{trajectories.root}: trajectories were sampled at timesteps {trajectories.timesteps.tolist()[:4]}..., "
