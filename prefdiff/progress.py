@@ -11,7 +11,8 @@ always shows the final count, the elapsed time and the mean rate.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 TERMINAL_INTERVAL_S = 0.5
@@ -37,4 +38,17 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | No
     return tqdm(iterable, **(settings | options))
 
 
-__all__ = ["LOG_INTERVAL_S", "TERMINAL_INTERVAL_S", "progress_bar"]
+@contextmanager
+def above_bars() -> Iterator[None]:
+    """Print a line above the progress bars: on a terminal they are cleared first and redrawn below it
+    (elsewhere every redraw is a line of its own anyway)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from tqdm import tqdm
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        yield
+
+
+__all__ = ["LOG_INTERVAL_S", "TERMINAL_INTERVAL_S", "above_bars", "progress_bar"]

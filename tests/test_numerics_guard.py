@@ -21,7 +21,7 @@ from prefdiff.labeling.pairs import label_trajectories
 from prefdiff.models.loading import load_pipeline
 from prefdiff.profile import merged
 from prefdiff.sampling import sampler
-from prefdiff.sampling.dataset import sample_dataset
+from prefdiff.sampling.dataset import sample_dataset, write_trajectories
 from prefdiff.sampling.guards import NumericsError, OutOfMemory
 from prefdiff.sampling.sampler import SamplingConfig, sample_groups
 from prefdiff.scorers import get_scorer
@@ -241,10 +241,12 @@ def test_non_finite_unet_output_stops_sampling_at_that_step():
         next(sample_groups(pipe, ["a"], [0], 2, SamplingConfig(num_steps=T)))
 
 
-def test_sampling_shows_a_progress_bar(capsys):
-    groups = list(sample_groups(load_pipeline("builtin:tiny-sd"), ["a", "b"], [0, 1], 2, SamplingConfig(num_steps=2),
-                                batch_size=2))
-    assert len(groups) == 2
+def test_sampling_shows_a_progress_bar(tmp_path, capsys):
+    params = parse_params(merged(yaml.safe_load((REPO / "params.yaml").read_text()),
+                                 {"model": {"source": "builtin:tiny-sd"}, "sampling": {"num_steps": 2},
+                                  "sample": {"images_per_group": 2, "batch_size": 2},
+                                  "train": {"d3po": {"timestep_window": None}}}), "test")
+    write_trajectories(load_pipeline("builtin:tiny-sd"), ["a", "b"], [0, 1], params, tmp_path / "t")
     err = capsys.readouterr().err
     assert "sample: 100%" in err and "4/4" in err and "img/s" in err
 

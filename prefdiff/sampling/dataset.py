@@ -14,7 +14,8 @@ from typing import Any
 
 from prefdiff.config import Params
 from prefdiff.prompts import get_prompt_set
-from prefdiff.sampling.guards import above_bars, memory_knobs
+from prefdiff.progress import above_bars, progress_bar
+from prefdiff.sampling.guards import memory_knobs
 
 
 def group_seed(base_seed: int, group_index: int) -> int:
@@ -96,11 +97,14 @@ def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Param
     progress(f"sampling {len(prompts)} groups x {sp.images_per_group} images{who}, {cfg.num_steps} DDIM steps, "
              f"eta {cfg.eta}, guidance {cfg.guidance_scale}, on {pipe.unet.device}")
 
+    bar = progress_bar(desc="sample", total=len(prompts) * sp.images_per_group, unit="img")
+
     def report(done: int, total: int) -> None:
+        bar.update(done * sp.images_per_group - bar.n)
         with above_bars():
             progress(f"sampled {done}/{total} groups ({time.time() - began:.1f} s)")
 
-    with (memory_knobs("while sampling", sampling_memory_knobs(params)),
+    with (bar, memory_knobs("while sampling", sampling_memory_knobs(params)),
           TrajectoryWriter(out_dir, shard_size=sp.shard_size, model=model,
                            params={"sample": sp.model_dump(), "sampling": params.sampling.model_dump()}) as writer):
         for group in sample_groups(pipe, prompts, seeds, sp.images_per_group, cfg, batch_size=sp.batch_size,

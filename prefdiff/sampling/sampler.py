@@ -17,7 +17,7 @@ from PIL import Image
 
 from prefdiff.data.trajectories import TrajectoryGroup
 from prefdiff.sampling.ddim import check_log_probs_defined, ddim_step_with_logprob
-from prefdiff.sampling.guards import NumericsError, progress_bar
+from prefdiff.sampling.guards import NumericsError
 from prefdiff.sampling.guidance import encode_prompts, guided_noise_pred
 
 
@@ -106,25 +106,23 @@ def sample_groups(
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one seed per group")
     shape = latent_shape(pipe)
     groups_per_batch = max(1, batch_size // images_per_group)
-    with progress_bar(len(prompts) * images_per_group, "sample", "img") as bar:
-        for start in range(0, len(prompts), groups_per_batch):
-            batch_prompts = prompts[start : start + groups_per_batch]
-            batch_seeds = seeds[start : start + groups_per_batch]
-            noises = [seeded_noise(s, images_per_group, cfg.num_steps, shape) for s in batch_seeds]
-            x_T = torch.stack([x.expand(images_per_group, *shape) for x, _ in noises]).flatten(0, 1)
-            z = torch.cat([zz for _, zz in noises])
-            image_prompts = [p for p in batch_prompts for _ in range(images_per_group)]
-            chain, log_probs, timesteps = _run_chain(pipe, image_prompts, x_T, z, cfg)
-            images = decode_images(pipe, chain[:, -1])
-            for g, (prompt, seed) in enumerate(zip(batch_prompts, batch_seeds)):
-                rows = slice(g * images_per_group, (g + 1) * images_per_group)
-                yield TrajectoryGroup(
-                    prompt=prompt, seed=seed, latents=chain[rows].contiguous(), log_probs=log_probs[rows].contiguous(),
-                    timesteps=timesteps, images=images[rows],
-                )
-            bar.update(len(image_prompts))
-            if progress is not None:
-                progress(min(start + groups_per_batch, len(prompts)), len(prompts))
+    for start in range(0, len(prompts), groups_per_batch):
+        batch_prompts = prompts[start : start + groups_per_batch]
+        batch_seeds = seeds[start : start + groups_per_batch]
+        noises = [seeded_noise(s, images_per_group, cfg.num_steps, shape) for s in batch_seeds]
+        x_T = torch.stack([x.expand(images_per_group, *shape) for x, _ in noises]).flatten(0, 1)
+        z = torch.cat([zz for _, zz in noises])
+        image_prompts = [p for p in batch_prompts for _ in range(images_per_group)]
+        chain, log_probs, timesteps = _run_chain(pipe, image_prompts, x_T, z, cfg)
+        images = decode_images(pipe, chain[:, -1])
+        for g, (prompt, seed) in enumerate(zip(batch_prompts, batch_seeds)):
+            rows = slice(g * images_per_group, (g + 1) * images_per_group)
+            yield TrajectoryGroup(
+                prompt=prompt, seed=seed, latents=chain[rows].contiguous(), log_probs=log_probs[rows].contiguous(),
+                timesteps=timesteps, images=images[rows],
+            )
+        if progress is not None:
+            progress(min(start + groups_per_batch, len(prompts)), len(prompts))
 
 
 def generate(

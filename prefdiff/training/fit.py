@@ -47,7 +47,8 @@ from prefdiff.data.atomic import atomic_dir
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.sampling.dataset import dtype_knob
-from prefdiff.sampling.guards import NumericsError, above_bars, memory_knobs, progress_bar
+from prefdiff.progress import above_bars, progress_bar
+from prefdiff.sampling.guards import NumericsError, memory_knobs
 from prefdiff.sampling.guidance import Conditioning, encode_prompts
 from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from prefdiff.training.trainable import TrainableUNet
@@ -430,8 +431,8 @@ def fit(
 
     start_weights = model.weights()  # the update norm of this call: did training change the policy at all?
     units = 1 if timesteps is None else timesteps[1]
-    bar = progress_bar(backwards_before(total_steps, method.items, tp, units), f"train {name}", "backward",
-                       initial=backwards_before(start_step, method.items, tp, units))
+    bar = progress_bar(desc=f"train {name}", total=backwards_before(total_steps, method.items, tp, units),
+                       unit="backward", initial=backwards_before(start_step, method.items, tp, units))
     with bar, memory_knobs("while training", training_memory_knobs(params)):
         for plan in plan_steps(method.items, tp, start_step):
             lr = model.set_lr(plan.step, total_steps)

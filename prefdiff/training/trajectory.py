@@ -13,7 +13,6 @@ import torch
 
 from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.sampling.ddim import check_log_probs_defined, ddim_step_with_logprob
-from prefdiff.sampling.guards import progress_bar
 from prefdiff.sampling.guidance import Conditioning, guided_noise_pred
 from prefdiff.training.fit import PromptTable
 
@@ -36,21 +35,22 @@ def step_log_probs(unet, scheduler, chain, timesteps, embeds, uncond, rows, step
 
 @torch.no_grad()
 def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: float, batch_size: int,
-                        first_steps: int | None = None) -> torch.Tensor:
+                        first_steps: int | None = None, bar=None) -> torch.Tensor:
     """log pi_ref(x_{j+1} | x_j) for every image and step [N, T], with whatever adapter state ``pipe`` is in.
 
     chain [N, T+1, C, H, W] fp32, timesteps [T], embeds a ``Conditioning`` of N rows, uncond of 1 row.
     ``first_steps`` W: only the chain's first W steps, [N, W] (what a ``timestep_window`` trains on).
+    ``bar``: the caller's progress bar (``prefdiff.progress``), advanced by the (image, step) pairs done.
     """
     n, steps = chain.shape[0], (chain.shape[1] - 1 if first_steps is None else first_steps)
     out = torch.empty(n, steps)
     flat = [(i, j) for i in range(n) for j in range(steps)]
-    with progress_bar(len(flat), "reference log-probs", "img-step") as bar:
-        for start in range(0, len(flat), batch_size):
-            ii = torch.tensor([i for i, _ in flat[start : start + batch_size]])
-            jj = torch.tensor([j for _, j in flat[start : start + batch_size]])
-            out[ii, jj] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
-                                         guidance=cfg.guidance_scale, eta=eta).cpu()
+    for start in range(0, len(flat), batch_size):
+        ii = torch.tensor([i for i, _ in flat[start : start + batch_size]])
+        jj = torch.tensor([j for _, j in flat[start : start + batch_size]])
+        out[ii, jj] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
+                                     guidance=cfg.guidance_scale, eta=eta).cpu()
+        if bar is not None:
             bar.update(len(ii))
     return out
 

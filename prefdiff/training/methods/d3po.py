@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from prefdiff.progress import progress_bar
 from prefdiff.training.fit import FitContext, Method, Unit
 from prefdiff.training.losses import d3po_loss
 from prefdiff.training.trajectory import TrajectoryImages, reference_log_probs
@@ -52,10 +53,11 @@ class D3PO(Method):
         self.ctx.progress(f"reference log-probs for {images.chain.shape[0]} images x {steps} "
                           f"steps from the {reference}")
         sampling = self.ctx.params.sampling
-        with model.starting_reference():
+        with (model.starting_reference(),
+              progress_bar(desc="reference log-probs", total=images.chain.shape[0] * steps, unit="img-step") as bar):
             ref_logp = reference_log_probs(model.pipe, images.chain, images.timesteps, images.embeds, images.uncond,
                                            sampling, eta=sampling.eta, batch_size=64,
-                                           first_steps=self.timestep_window)
+                                           first_steps=self.timestep_window, bar=bar)
         return {"ref_logp": ref_logp}
 
     def describe(self) -> str:
