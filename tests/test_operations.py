@@ -1,0 +1,133 @@
+"""Operations on shared servers, run for real on loopback: an MLflow tracking server with proxied artifacts, a DVC
+remote that a fresh clone pulls from, a Prefect process work pool whose worker runs the project's deployment,
+and the Docker / Kubernetes work-pool job templates validated by the workers' own configuration classes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, git, isolated_mlflow, make_workspace, venv_env
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:2]} exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], health: str, cwd: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """``cmd`` running in its own process group until the block ends (then the whole group is stopped)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=venv_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_http(health, proc)
+            yield proc
+        except BaseException:
+            print(log.read_text()[-3000:])
+            raise
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+
+
+# -- MLflow: tracking server with proxied artifacts ---------------------------------------------------------------
+
+def mlflow_server_cmd(store: Path, artifacts: Path, port: int) -> list[str]:
+    """The README's server command on loopback: runs and registry in ``store``, artifacts proxied by the server
+    into ``artifacts`` (clients see only mlflow-artifacts:/ URIs and never write to that directory themselves)."""
+    return [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store}", "--serve-artifacts",
+            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+
+def _uris(store: Path) -> dict[str, list[str]]:
+    """Every location the store records: experiments, runs, logged models and model versions."""
+    db = sqlite3.connect(store)
+    try:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type = 'table'")}
+        columns = {"experiments": ["artifact_location"], "runs": ["artifact_uri"],
+                   "model_versions": ["source", "storage_location"], "logged_models": ["artifact_location"]}
+        return {f"{t}.{c}": [r[0] for r in db.execute(f"select {c} from {t}") if r[0]]
+                for t, cols in columns.items() if t in tables for c in cols}
+    finally:
+        db.close()
+
+
+def test_mlflow_server_proxies_artifacts_and_stores_no_local_paths(tmp_path):
+    """A run logged and a model registered through `mlflow server --serve-artifacts` land in the server's
+    artifact store, the tracking store holds only server-relative URIs, and the champion downloads back."""
+    from prefdiff.gate import GateRule
+    from prefdiff.registry import register_model, resolve_baseline
+
+    host_dir, client_dir = tmp_path / "server", tmp_path / "client"
+    host_dir.mkdir()
+    ws = make_workspace(client_dir / "ws")  # a git workspace: registration records its lineage
+    lora = ws / "models" / "trained"
+    lora.mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"lora-weights")
+    port = free_port()
+    cmd = mlflow_server_cmd(host_dir / "mlflow.db", host_dir / "artifacts", port)
+    with server(cmd, f"http://127.0.0.1:{port}/health", host_dir, tmp_path / "mlflow-server.log"):
+        with isolated_mlflow(f"http://127.0.0.1:{port}"):
+            import mlflow
+
+            reg = register_model(root=ws, weights_dir=lora, eval_metrics={"trained_mean": 1.0, "base_mean": 0.5,
+                                                                          "protocol_fingerprint": "p" * 64},
+                                 model_config={"base_source": "builtin:tiny-sd"}, model_name="served-model",
+                                 rule=GateRule("trained_mean", "base_mean", 0.0), experiment="ops")
+            assert (reg.version, reg.alias) == (1, "champion")
+            client = mlflow.MlflowClient()
+            mv = client.get_model_version("served-model", "1")
+            run = client.get_run(mv.run_id)
+            assert run.info.artifact_uri.startswith("mlflow-artifacts:/")
+            # the champion comes back through the server's proxy into the workspace
+            ref, _ = resolve_baseline(ws, "champion", "served-model")
+            assert ref.version == 1
+            assert (ws / "models/baseline/pytorch_lora_weights.safetensors").read_bytes() == b"lora-weights"
+
+    uris = _uris(host_dir / "mlflow.db")
+    assert uris["experiments.artifact_location"] and uris["runs.artifact_uri"] and uris["model_versions.source"]
+    machine_paths = (str(tmp_path), str(REPO), str(Path.home()), "file:")
+    for column, values in uris.items():
+        for value in values:
+            assert not value.startswith("/") and not any(p in value for p in machine_paths), (column, value)
+            assert value.startswith(("mlflow-artifacts:/", "models:/")), (column, value)
+    # the artifacts are on the server's side, the client's directory holds none
+    assert [p.name for p in (host_dir / "artifacts").rglob("MLmodel")] == ["MLmodel"]
+    assert list((host_dir / "artifacts").rglob("pytorch_lora_weights.safetensors"))
+    assert not (client_dir / "mlartifacts").exists() and not list(client_dir.rglob("MLmodel"))
