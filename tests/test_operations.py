@@ -131,3 +131,48 @@ def test_mlflow_server_proxies_artifacts_and_stores_no_local_paths(tmp_path):
     assert [p.name for p in (host_dir / "artifacts").rglob("MLmodel")] == ["MLmodel"]
     assert list((host_dir / "artifacts").rglob("pytorch_lora_weights.safetensors"))
     assert not (client_dir / "mlartifacts").exists() and not list(client_dir.rglob("MLmodel"))
+
+
+# -- DVC: a local-directory remote -------------------------------------------------------------------------------
+
+DVC = str(BIN / "dvc")
+
+
+def _dvc(ws: Path, *args: str) -> str:
+    proc = subprocess.run([DVC, *args], cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_remote_push_then_a_fresh_clone_pulls_and_repro_is_a_noop(tmp_path, mlflow_uri):
+    """The round's first two stages (the project's own sample and label, tiny), pushed to a directory remote;
+    a clone of the git repo pulls and finds every stage up to date: it re-runs nothing."""
+    ws = make_workspace(tmp_path / "ws", {"model": {"source": "builtin:tiny-sd"}, "sampling": {"num_steps": 4},
+                                         "train": {"d3po": {"timestep_window": 2}},
+                                         "sample": {"num_prompts": 2, "groups_per_prompt": 1, "images_per_group": 2}})
+    spec = yaml.safe_load((ws / "dvc.yaml").read_text())
+    spec["stages"] = {name: spec["stages"][name] for name in ("sample", "label")}
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (ws / ".dvcignore").write_text((REPO / ".dvcignore").read_text())  # bytecode never enters a code dep's hash
+    remote = tmp_path / "remote"
+    _dvc(ws, "remote", "add", "-d", "local", str(remote))
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "two stages, local remote")
+
+    ran = _dvc(ws, "repro")
+    assert "Running stage 'sample'" in ran and "Running stage 'label'" in ran
+    pushed = _dvc(ws, "push")
+    assert "pushed" in pushed and any(remote.rglob("*"))
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "round")
+
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(ws), str(clone))
+    assert not (clone / "data/trajectories").exists()
+    _dvc(clone, "pull")
+    for path in ("data/trajectories/index.json", "data/preferences/index.json"):
+        assert (clone / path).read_bytes() == (ws / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in _dvc(clone, "status")
+    again = _dvc(clone, "repro")
+    assert "Running stage" not in again
+    assert "'sample' didn't change, skipping" in again and "'label' didn't change, skipping" in again
