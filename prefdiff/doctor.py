@@ -144,7 +144,7 @@ def directory_shape(directory: Path) -> ModelShape:
         raise ValueError(f"{directory} has no model_index.json (not a diffusers pipeline directory)")
     index = json.loads(index_file.read_text())
     weighted = [name for name, spec in index.items()
-                if isinstance(spec, list) and len(spec) == 2 and spec[0] and spec[1] and not _UNWEIGHTED.search(spec[1])]
+                if isinstance(spec, list) and len(spec) == 2 and all(spec) and not _UNWEIGHTED.search(spec[1])]
     if "unet" not in weighted:
         raise ValueError(f"{index_file} names no unet component")
     counts = {name: _component_parameters(directory, name) for name in weighted}
@@ -282,8 +282,9 @@ def run_checks(params_path: Path) -> list[Check]:
     shape: ModelShape | None = None
     try:
         shape = model_shape(params, root)
+        latents = "x".join(map(str, shape.latent_shape))
         checks.append(Check("weights", "ok", f"model.source = {params.model.source}: {shape.where}, "
-                            f"{shape.parameters / 1e6:.2f} M parameters, latents {'x'.join(map(str, shape.latent_shape))}"))
+                            f"{shape.parameters / 1e6:.2f} M parameters, latents {latents}"))
     except (ValueError, OSError) as err:  # ModelNotFoundError is a FileNotFoundError
         fix = ("download it on a machine with network (`hf download <id>`) and copy the Hugging Face cache here, "
                "or set model.source to a complete diffusers directory")

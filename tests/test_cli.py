@@ -42,7 +42,8 @@ def test_console_script_lists_and_dispatches_every_command(tmp_path):
     for command in COMMANDS:
         assert f"prefdiff {command}" in top.stdout
     unknown = _run([*PREFDIFF, "serve"], tmp_path)
-    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines()[-1].startswith("error: unknown command 'serve'")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines()[-1].startswith("error: unknown command 'serve'")
     expected = {"run": "--stages", "compare": "--methods", "label-server": "--annotators-per-group",
                 "profile": "--params", "doctor": "--params"}
     for command, option in expected.items():

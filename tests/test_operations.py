@@ -4,6 +4,7 @@ and the Docker / Kubernetes work-pool job templates validated by the workers' ow
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,7 +17,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import REPO, git, isolated_mlflow, make_workspace, venv_env
@@ -176,3 +176,150 @@ def test_dvc_remote_push_then_a_fresh_clone_pulls_and_repro_is_a_noop(tmp_path, 
     again = _dvc(clone, "repro")
     assert "Running stage" not in again
     assert "'sample' didn't change, skipping" in again and "'label' didn't change, skipping" in again
+
+
+# -- Prefect: a process work pool and a worker running the project's deployment ------------------------------------
+
+def _prefect(args: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (args, proc.stdout[-3000:], proc.stderr[-3000:])
+    return proc.stdout + proc.stderr
+
+
+async def _run_deployment(pool: str, deployment: str, parameters: dict, worker: list[str], env: dict[str, str],
+                          log: Path, timeout: float = 480):
+    """Create a run of ``deployment``, start the worker command, wait until the run is final, stop the worker;
+    returns the final flow run."""
+    from prefect import get_client
+
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name(deployment)
+        run = await client.create_flow_run_from_deployment(dep.id, parameters=parameters)
+        with log.open("w") as out:
+            proc = subprocess.Popen(worker, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                deadline = time.time() + timeout
+                while time.time() < deadline:
+                    run = await client.read_flow_run(run.id)
+                    if run.state is not None and run.state.is_final():
+                        return run
+                    assert proc.poll() is None, log.read_text()[-3000:]
+                    await asyncio.sleep(2)
+                raise TimeoutError(f"flow run {run.id} not final after {timeout} s: {run.state}\n"
+                                   + log.read_text()[-3000:])
+            finally:
+                os.killpg(proc.pid, 2)  # Ctrl-C: the worker stops polling and exits
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+
+
+def test_process_work_pool_worker_runs_the_projects_deployment(prefect_harness, tmp_path, mlflow_uri):
+    """prefect.yaml's nightly-round, deployed by `prefect deploy` to a process work pool; the worker started as the
+    README says (`prefect worker start --pool prefdiff-local --limit 1`) picks up a run of it, which runs the
+    sample stage in a tiny workspace and logs into MLflow."""
+    import mlflow
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
+
+    ws = make_workspace(tmp_path / "ws", {"model": {"source": "builtin:tiny-sd"}, "sampling": {"num_steps": 4},
+                                         "train": {"d3po": {"timestep_window": 2}},
+                                         "sample": {"num_prompts": 2, "groups_per_prompt": 1, "images_per_group": 2}})
+    env = venv_env({"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path / "prefect-cli"),
+                    "PYTHONPATH": str(REPO)})
+    pool = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"][0]["work_pool"]["name"]
+
+    async def create_pool():
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+
+    asyncio.run(create_pool())
+    deployed = _prefect(["--no-prompt", "deploy", "--name", "nightly-round"], env)
+    assert "preference-round/nightly-round" in deployed
+    worker = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"]
+    run = asyncio.run(_run_deployment(pool, "preference-round/nightly-round",
+                                      {"repo": str(ws), "stages": ["sample"], "run_name": "from-the-worker"},
+                                      worker, env, tmp_path / "worker.log"))
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert (run.state.type.value, run.work_pool_name) == ("COMPLETED", pool), worker_log[-3000:]
+    assert (ws / "data/trajectories/index.json").is_file()  # the stage ran in the workspace the run was given
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("prefdiff").experiment_id])
+    assert [(r.info.run_name, r.data.tags.get("prefect.flow_run_id")) for r in runs] == [
+        ("from-the-worker", str(run.id))]
+
+
+# -- Docker / Kubernetes GPU work pools: templates, deployments, image ---------------------------------------------
+
+def test_gpu_job_templates_render_with_the_workers_own_configuration(prefect_harness):
+    """deploy/*.json are what deploy/make_job_templates.py writes from the installed workers' defaults, and each
+    renders through its worker's configuration class into a job that asks for the GPU."""
+    import asyncio
+
+    import docker.types
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    sys.path.insert(0, str(REPO / "deploy"))
+    try:
+        import make_job_templates
+    finally:
+        sys.path.remove(str(REPO / "deploy"))
+    docker_t = json.loads((REPO / "deploy/docker-gpu.json").read_text())
+    k8s_t = json.loads((REPO / "deploy/kubernetes-gpu.json").read_text())
+    assert docker_t == make_job_templates.docker_template() and k8s_t == make_job_templates.kubernetes_template()
+
+    docker_cfg = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(docker_t, {}))
+    assert docker_cfg.image == "prefdiff:latest" and docker_cfg.env["HF_HUB_OFFLINE"] == "1"
+    request = docker.types.DeviceRequest(**docker_cfg.container_create_kwargs["device_requests"][0])
+    assert (request.driver, request.count, request.capabilities) == ("nvidia", -1, [["gpu"]])  # = docker run --gpus all
+    assert docker_cfg.volumes == ["prefdiff-workspace:/workspace", "prefdiff-hf-cache:/cache/huggingface"]
+
+    k8s_cfg = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(
+        k8s_t, {"gpu_count": 2, "image": "registry.example.com/prefdiff:1"}))
+    pod = k8s_cfg.job_manifest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.com/prefdiff:1"
+    resources = container["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 2 == resources["requests"]["nvidia.com/gpu"]
+    assert {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]} == {
+        "workspace": "prefdiff-workspace", "hf-cache": "prefdiff-hf-cache", "dshm": None}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/workspace", "/cache/huggingface", "/dev/shm"}
+    default = asyncio.run(KubernetesWorkerJobConfiguration.from_template_and_values(k8s_t, {}))
+    (default_container,) = default.job_manifest["spec"]["template"]["spec"]["containers"]
+    assert default_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_gpu_deployments_target_the_gpu_pools_and_the_image_installs_the_lock():
+    """deploy/prefect-gpu.yaml parses as Prefect's deploy configuration and runs the round in the mounted workspace;
+    the Dockerfile installs requirements.lock and copies every package the flow imports (not built here: no Docker)."""
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    spec = PrefectYamlModel.model_validate(yaml.safe_load((REPO / "deploy/prefect-gpu.yaml").read_text()))
+    assert [(d.name, d.entrypoint, d.work_pool.name) for d in spec.deployments] == [
+        ("nightly-round-docker-gpu", "flows/round.py:preference_round", "prefdiff-docker-gpu"),
+        ("nightly-round-k8s-gpu", "flows/round.py:preference_round", "prefdiff-k8s-gpu")]
+    assert spec.pull == [{"prefect.deployments.steps.set_working_directory": {"directory": "/workspace"}}]
+    k8s_vars = json.loads((REPO / "deploy/kubernetes-gpu.json").read_text())["variables"]["properties"]
+    assert set(spec.deployments[1].work_pool.job_variables) <= set(k8s_vars)
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir -r requirements.lock" in dockerfile
+    copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")}
+    packages = tomllib_packages()
+    assert packages <= copied and {"stages", "flows"} <= copied
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "data", "models", "mlflow.db"} <= set(ignored)
+
+
+def tomllib_packages() -> set[str]:
+    """Top-level packages pyproject installs (prefdiff, evaluation)."""
+    import tomllib
+
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    return {p.rstrip("*") for p in include}
