@@ -206,3 +206,14 @@ def test_doctor_bad_params_is_one_error_line(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and "sample.images_per_group" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_make_mlflow_ui_takes_host_and_port():
+    def command(*args: str) -> str:
+        out = subprocess.run(["make", "-n", "mlflow-ui", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    assert command().endswith("mlflow ui --backend-store-uri sqlite:///" + str(REPO) + "/mlflow.db "
+                              "--host 127.0.0.1 --port 5000")
+    assert command("PORT=5123", "HOST=0.0.0.0").endswith("--host 0.0.0.0 --port 5123")
