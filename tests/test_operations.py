@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
@@ -139,7 +139,7 @@ DVC = str(BIN / "dvc")
 
 
 def _dvc(ws: Path, *args: str) -> str:
-    proc = subprocess.run([DVC, *args], cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([DVC, *args], cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
