@@ -70,8 +70,12 @@ label-server: $(STAMP)
 human-round: $(STAMP)
 	$(PY) -m flows.human --serve-labels $(if $(ROUNDS),--rounds $(ROUNDS))
 
+# The MLflow UI on this repo's store: `make mlflow-ui PORT=5001` (HOST=0.0.0.0 opens it to the network; README
+# "Operations on shared servers" runs a tracking server with proxied artifacts instead).
+HOST ?= 127.0.0.1
+PORT ?= 5000
 mlflow-ui: $(STAMP)
-	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host $(HOST) --port $(PORT)
 
 # Remove the pipeline's data, models, MLflow store and Prefect home (tracked files such as dvc.lock,
 # metrics/ and plots/ stay: the next run rewrites them).

@@ -427,8 +427,8 @@ def compare_methods(repo: str | None = None, methods: list[str] | None = None) -
     return {"run_id": parent, "report": str(report), "results": results}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m flows.compare") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", help="default: compare.methods in params.yaml")
     args = parser.parse_args(argv)
     try:

@@ -22,6 +22,7 @@ mlflow is imported inside the tasks only: importing this module must stay cheap 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -485,15 +486,28 @@ def preference_round(repo: str | None = None, stages: list[str] | None = None, r
     return run_round(repo, stages, run_name)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None, prog: str = "python -m flows.round") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description="Run one preference round: " + " -> ".join(STAGES)
+                                + " (DVC stages as Prefect tasks, tracked in one MLflow run).")
+    p.add_argument("--repo", default=None, help="the DVC workspace (default: this checkout)")
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=None, metavar="STAGE",
+                   help=f"run only these stages, in pipeline order (default: all of {', '.join(STAGES)})")
+    p.add_argument("--run-name", default=None, help="the MLflow run's name (default: round-<flow run name>)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m flows.round") -> int:
     from prefdiff.config import ParamsError
 
+    args = parse_args(argv, prog)
     try:
-        load_params(Paths(REPO_ROOT).params)  # before the ephemeral Prefect server starts (~10 s)
-    except ParamsError as err:
+        check_stages(args.stages)
+        load_params(Paths(Path(args.repo).resolve() if args.repo else REPO_ROOT).params)  # before Prefect starts
+    except (ParamsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run_flow_cli("d3po_round", preference_round)
+    return run_flow_cli("d3po_round", lambda: preference_round(repo=args.repo, stages=args.stages,
+                                                               run_name=args.run_name))
 
 
 def run_flow_cli(name: str, run: Callable[[], object]) -> int:
