@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, run_stage, say, tracked, workspace
 
 
 def main() -> None:
@@ -38,4 +38,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, run_stage, say, tracked, workspace
 
 
 def main() -> None:
@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
