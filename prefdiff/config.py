@@ -536,7 +536,9 @@ def merged(base: dict, overrides: dict) -> dict:
     """``overrides`` deep-merged over ``base``: nested mappings merge key by key, anything else replaces."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+        # a mapping over a non-mapping (``lr: {}``) replaces it, and validation then names the key
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(
+            out.get(key) or {}, dict) else value
     return out
 
 
