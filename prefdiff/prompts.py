@@ -251,7 +251,8 @@ def _read_named(reader: Callable[[Path], list[str]], path: Path) -> list[str]:
     except Exception as err:
         if type(err).__module__.startswith("pyarrow"):  # ArrowInvalid etc.: a truncated or foreign .parquet
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise PromptSetError(f"{path}: not a readable parquet file ({first}); re-download or re-export it") from None
+            raise PromptSetError(f"{path}: not a readable parquet file ({first}); re-download or re-export "
+                                 "it") from None
         raise
 
 
