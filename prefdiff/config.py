@@ -22,14 +22,34 @@ from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX, SCORER_ALIASES, SCO
 
 
 class ParamsError(ValueError):
-    """params.yaml is invalid; the message lists every offending key with its value and what is allowed."""
+    """params.yaml is invalid; the message lists every offending key with its value and what is allowed.
+
+    ``problems``: one self-contained line per offending key (file, key, value, what is allowed), what a stage
+    prints as one ``error:`` line each.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [" ".join(message.split())]
+
+
+# Bounds of counts and scales: far beyond any real run (the paper's SD runs use batch 10, 400 epochs, 20 seeds
+# at most), near enough that a typo (1e12 epochs, alpha 1e30) is refused before hours of work.
+MAX_SEED = 2**31 - 1  # numpy's and torch's generators both take it; seeds are offset by counts below it
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536  # items per micro-batch, or micro-batches per optimizer step
+MAX_PROMPTS = 1_000_000
+MAX_SEEDS_PER_PROMPT = 10_000
+MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # NaN and infinity are refused in every float: none of them means anything finite (a NaN gate threshold
+    # never promotes, an infinite clipping norm silently turns clipping off).
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -82,13 +102,13 @@ class SamplingParams(_Section):
 
 class SampleParams(_Section):
     prompt_set: str = "animals45"
-    num_prompts: int | None = Field(None, ge=1)  # first N prompts of the set (None: all)
+    num_prompts: int | None = Field(None, ge=1, le=MAX_PROMPTS)  # first N prompts of the set (None: all)
     # Prompt groups = prompts_per_epoch * groups_per_prompt; each group shares one initial noise x_T.
     groups_per_prompt: int = Field(1, ge=1, le=1000)
     images_per_group: int = Field(2, ge=2, le=7)  # G; the paper's human-feedback runs use 7
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     batch_size: int = Field(16, ge=1, le=4096)  # images per UNet call (x2 for guidance)
-    shard_size: int = Field(256, ge=1)  # images per safetensors shard
+    shard_size: int = Field(256, ge=1, le=1_000_000)  # images per safetensors shard
     # The policy that samples: None = the base model; a diffusers-format LoRA dir (relative to the workspace,
     # e.g. a previous round's models/trained copied to models/policy) loaded onto the base, so a stage-based
     # round r samples from round r-1's policy (D3PO Algorithm 1). The rounds stage ignores it: its round r
@@ -108,8 +128,8 @@ class PickapicImportParams(_Section):
     resolution: int = Field(64, ge=8, le=4096)  # shortest side resized to this, then cropped square
     crop: Literal["center", "random"] = "center"
     hflip: Literal["none", "per_image", "joint"] = "none"  # per_image: official; joint: diffusers SDXL
-    seed: int = Field(0, ge=0)  # random crop / flip draws are a pure function of (seed, row)
-    max_pairs: int | None = Field(None, ge=1)  # stop after this many decided pairs (None: all)
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # random crop / flip draws are a pure function of (seed, row)
+    max_pairs: int | None = Field(None, ge=1, le=1_000_000_000)  # stop after this many decided pairs (None: all)
     on_bad_row: Literal["error", "skip"] = "error"  # skip: count rejected rows in the dataset index
 
 
@@ -118,7 +138,7 @@ class AnnotatorParams(_Section):
 
     # expected share of its choices that agree with label.judge (with bias 0); 0.5 would be a coin flip
     accuracy: float = 0.85
-    bias: float = Field(0.0, allow_inf_nan=False)  # log-odds added in favour of the image shown first
+    bias: float = Field(0.0, ge=-50.0, le=50.0)  # log-odds added in favour of the image shown first
 
     @field_validator("accuracy")
     @classmethod
@@ -132,8 +152,8 @@ class SimulatedLabelParams(_Section):
     """``label.source: simulated``: annotators that prefer by ``label.judge`` through Bradley-Terry noise."""
 
     # groups go to annotators round-robin (group_id % number of annotators)
-    annotators: list[AnnotatorParams] = Field(default_factory=lambda: [AnnotatorParams()])
-    seed: int = Field(0, ge=0)  # each choice is a pure function of (seed, annotator, group, pair)
+    annotators: list[AnnotatorParams] = Field(default_factory=lambda: [AnnotatorParams()], max_length=10_000)
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # each choice is a pure function of (seed, annotator, group, pair)
 
     @field_validator("annotators")
     @classmethod
@@ -153,7 +173,7 @@ class HumanLabelParams(_Section):
     mode: Literal["pair", "tag"] = "pair"
     tags: list[str] = Field(default_factory=lambda: ["deformed", "wrong digit", "unsafe"])
     # a group's label counts once this many annotators have labeled it (the flow waits for that)
-    annotators_per_group: int = Field(1, ge=1)
+    annotators_per_group: int = Field(1, ge=1, le=1000)
     host: str = "127.0.0.1"  # anything but loopback requires a token (PREFDIFF_LABEL_TOKEN)
     port: int = Field(8765, ge=1, le=65535)
 
@@ -177,7 +197,7 @@ class LabelParams(_Section):
     judge_args: dict[str, Any] = Field(default_factory=dict)  # the scorer's sources/device/dtype/batch_size
     jpeg_quality: int = Field(95, ge=1, le=95)
     # source judge: judge scores within this of each other are a tie (no preference, not trained on)
-    tie_margin: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    tie_margin: float = Field(0.0, ge=0.0)
     pickapic: PickapicImportParams = PickapicImportParams()
     simulated: SimulatedLabelParams = SimulatedLabelParams()
     human: HumanLabelParams = HumanLabelParams()
@@ -191,11 +211,11 @@ class LabelParams(_Section):
 class D3POParams(_Section):
     """D3PO (Yang et al. Eq. 14) on the sampled trajectories."""
 
-    beta: float = Field(0.1, gt=0.0)  # DPO temperature
+    beta: float = Field(0.1, gt=0.0, le=1000.0)  # DPO temperature
     clip_eps: float = Field(0.1, gt=0.0, lt=1.0)  # ratio pi_theta / pi_ref clipped to [1-eps, 1+eps]
     timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*W) permuted steps
     # W: null = all T steps (the official code); N = only the chain's first N steps (the highest-noise ones)
-    timestep_window: int | None = Field(None, ge=1)
+    timestep_window: int | None = Field(None, ge=1, le=1000)
 
 
 class DiffusionDPOParams(_Section):
@@ -206,7 +226,7 @@ class DiffusionDPOParams(_Section):
     diffusers' SD1.5 script's beta (no 1/2: official = 2 x diffusers, so diffusers' 2500 is our 5000).
     """
 
-    beta: float = Field(5000.0, gt=0.0)
+    beta: float = Field(5000.0, gt=0.0, le=1e6)
     beta_convention: Literal["official", "diffusers"] = "official"
     empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)  # per pair, both halves get "" (official: 0.2)
 
@@ -225,7 +245,7 @@ class SFTParams(_Section):
 class RewardWeightedParams(_Section):
     """Denoising loss of both images weighted by batch * softmax(score / temperature) (mean 1)."""
 
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(1.0, ge=1e-6, le=1e6)
     empty_prompt_prob: float = Field(0.0, ge=0.0, lt=1.0)
 
 
@@ -233,9 +253,9 @@ class DDPOParams(_Section):
     """DDPO: PPO-clipped policy gradient on the sampling-time log-probs (DDPO defaults 1e-4 and 5)."""
 
     clip_range: float = Field(1e-4, gt=0.0, lt=1.0)  # PPO ratio clip
-    adv_clip_max: float = Field(5.0, gt=0.0)  # advantages clipped to +-this
+    adv_clip_max: float = Field(5.0, gt=0.0, le=1000.0)  # advantages clipped to +-this
     timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)  # train the first ceil(f*W) permuted steps
-    timestep_window: int | None = Field(None, ge=1)  # as train.d3po.timestep_window
+    timestep_window: int | None = Field(None, ge=1, le=1000)  # as train.d3po.timestep_window
 
 
 class NoMethodParams(_Section):
@@ -289,30 +309,30 @@ class TrainParams(_Section):
     lr: float = Field(3e-5, gt=0.0, le=1.0)
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    adam_eps: float = Field(1e-8, gt=0.0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=10.0)
+    adam_eps: float = Field(1e-8, gt=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, le=1e6)
     # optimizer steps with a non-finite loss or gradient that are skipped before the run stops (fp16's grad
     # scaler skips a few while it calibrates)
     max_nonfinite_steps: int = Field(10, ge=0, le=1_000_000)
     optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
     scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
     lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(1, ge=1)  # training items (pairs, or images for ddpo) per optimizer micro-batch
-    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
+    epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)  # training items (pairs, or images for ddpo) per micro-batch
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)  # micro-batches per optimizer step
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
     lora_rank: int = Field(4, ge=1, le=1024)
-    lora_alpha: float = Field(4.0, gt=0.0)
+    lora_alpha: float = Field(4.0, gt=0.0, le=4096.0)  # LoRA scale alpha / rank; 1e30 trained nothing
     # "base": the base UNet with adapters disabled; "previous_round": the policy the round starts from, frozen
     # (D3PO Sec. 5.2): the train stage's init_lora (which it then needs, stages/train.py says so), the rounds
     # stage's previous round.
     reference: Literal["base", "previous_round"] = "base"
     init_lora: str | None = None  # a diffusers-format LoRA dir to start from
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    checkpoint_every: int = Field(50, ge=1)  # optimizer steps between resumable checkpoints
-    snapshot_every_epochs: int = Field(1, ge=1)  # weight snapshots for the evaluate reward curve
-    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(50, ge=1, le=MAX_STEPS)  # optimizer steps between resumable checkpoints
+    snapshot_every_epochs: int = Field(1, ge=1, le=MAX_EPOCHS)  # weight snapshots for the evaluate reward curve
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     d3po: D3POParams = D3POParams()
     diffusion_dpo: DiffusionDPOParams = DiffusionDPOParams()
     sft: SFTParams = SFTParams()
@@ -364,9 +384,9 @@ class EvaluateParams(_Section):
     # Named prompt set (prefdiff/prompts.py): animals_heldout, animals45, d3po_unsafe, d3po_hand; from local
     # files when present: partiprompts, hpsv2_benchmark, pickapic_validation; or file:<path>.
     prompt_set: str = "animals_heldout"
-    num_prompts: int | None = Field(None, ge=1)  # first N prompts of the set (None: all)
-    seeds_per_prompt: int = Field(4, ge=1)
-    seed: int = Field(1000, ge=0)  # seed of (prompt i, image j) = seed + i * seeds_per_prompt + j
+    num_prompts: int | None = Field(None, ge=1, le=MAX_PROMPTS)  # first N prompts of the set (None: all)
+    seeds_per_prompt: int = Field(4, ge=1, le=MAX_SEEDS_PER_PROMPT)
+    seed: int = Field(1000, ge=0, le=MAX_SEED)  # seed of (prompt i, image j) = seed + i * seeds_per_prompt + j
     judge: str | None = None  # the primary scorer (gate, reward curve); None: the label stage's judge
     # More scorers reported side by side (prefdiff.catalog.SCORERS names); those whose weights are not
     # on this machine are skipped and listed with the reason in metrics and the report.
@@ -375,15 +395,15 @@ class EvaluateParams(_Section):
     # compare against the base, or the registry's champion (resolved into registry/baseline.json by the flow)
     baseline: Literal["base", "champion"] = "base"
     tie_margin: float = Field(0.0, ge=0.0)
-    bootstrap_samples: int = Field(2000, ge=100)  # prompt-clustered bootstrap resamples for win-rate CIs
-    batch_size: int = Field(16, ge=1)
+    bootstrap_samples: int = Field(2000, ge=100, le=1_000_000)  # prompt-clustered bootstrap resamples (CIs)
+    batch_size: int = Field(16, ge=1, le=4096)
     grid_columns: int = Field(8, ge=1, le=64)
     reward_curve: bool = True  # also score every epoch snapshot (the DVC reward-curve plot)
     # Implicit reward accuracy on held-out pairs: sampled by the base on the evaluation prompts (fresh seeds)
     # and ranked by the primary scorer; or a preference dataset dir (e.g. an imported Pick-a-Pic test split).
     implicit_accuracy: bool = True
-    implicit_groups_per_prompt: int = Field(2, ge=1)
-    implicit_draws: int = Field(4, ge=1)  # (t, eps) draws per pair for the Diffusion-DPO estimate
+    implicit_groups_per_prompt: int = Field(2, ge=1, le=1000)
+    implicit_draws: int = Field(4, ge=1, le=10_000)  # (t, eps) draws per pair for the Diffusion-DPO estimate
     implicit_pairs: str | None = None
     report: bool = True  # eval/report.html: metric table, intervals, image pairs (self-contained)
 
@@ -468,7 +488,7 @@ class RoundsParams(_Section):
     groups_per_round: int = Field(40, ge=1, le=100_000)  # K prompt groups per round (the paper: 40 pairs)
     # every N rounds and after the last: the policy's reward and win-rate against the base on the evaluation
     # prompts, and the sampling policy's KL proxy and implicit accuracy on the round's fresh pairs
-    eval_every: int = Field(5, ge=1)
+    eval_every: int = Field(5, ge=1, le=100_000)
 
 
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -519,7 +539,9 @@ def merged(base: dict, overrides: dict) -> dict:
     """``overrides`` deep-merged over ``base``: nested mappings merge key by key, anything else replaces."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+        # a mapping over a non-mapping (``lr: {}``) replaces it, and validation then names the key
+        out[key] = merged(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(
+            out.get(key) or {}, dict) else value
     return out
 
 
@@ -537,7 +559,12 @@ def _check_prompt_set(name: str) -> str:
 
 
 def _format_errors(err: ValidationError, source: str, root: Any = None) -> str:
-    lines = [f"{source}: {err.error_count()} invalid value(s)"]
+    return "\n".join([f"{source}: {err.error_count()} invalid value(s)", *_error_lines(err, root)])
+
+
+def _error_lines(err: ValidationError, root: Any = None) -> list[str]:
+    """One line per offending key: ``  key = value: what is wrong and what is allowed``."""
+    lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
@@ -555,8 +582,10 @@ def _format_errors(err: ValidationError, source: str, root: Any = None) -> str:
             lines.append(f"  {e['msg']}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "finite_number":
+            msg += " (NaN and infinity are refused)"
         lines.append(f"  {key} = {e.get('input')!r}: {msg}")
-    return "\n".join(lines)
+    return lines
 
 
 def parse_params(data: dict[str, Any], source: str = "params") -> Params:
@@ -566,7 +595,8 @@ def parse_params(data: dict[str, Any], source: str = "params") -> Params:
     try:
         return Params.model_validate(data)
     except ValidationError as err:
-        raise ParamsError(_format_errors(err, source)) from None
+        problems = [f"{source}: {' '.join(line.split())}" for line in _error_lines(err)]
+        raise ParamsError(_format_errors(err, source), problems) from None
 
 
 def load_params(path: Path) -> Params:
@@ -574,10 +604,57 @@ def load_params(path: Path) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(data, str(path))
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    params = parse_params(data, str(path))  # unknown keys and bad values first: they say more than "missing"
+    missing = missing_keys(data)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ParamsError(f"{path}: missing {shown}; every section and key must be in params.yaml (DVC tracks "
+                          "them and its comments document them): copy them from the repository's params.yaml")
+    return params
+
+
+def missing_keys(data: dict[str, Any], model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys of ``model`` (default: every section of Params, and their subsections) absent from ``data``.
+
+    A params file names every key: DVC reads the keys it tracks from the file itself (a missing ``train``
+    section passes pydantic's defaults, then fails in DVC at the train stage, after sampling and labeling).
+    """
+    model = model or Params
+    out = []
+    for name, field in model.model_fields.items():
+        if name not in data:
+            out.append(f"{prefix}{name}" + (" (section)" if _is_section(field.annotation) else ""))
+        elif _is_section(field.annotation) and isinstance(data[name], dict):
+            out += missing_keys(data[name], field.annotation, f"{prefix}{name}.")
+    return out
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def check_files(params: Params, root: Path) -> None:
+    """What params name on disk, read now rather than hours later: the prompt sets of ``sample`` and
+    ``evaluate`` (a missing, empty, non-UTF-8 or unreadable file, a directory without prompt files) and their
+    ``num_prompts`` against the set's size. Relative paths are resolved against ``root`` (the workspace).
+    Raises ParamsError naming the key, the file and the fix."""
+    from prefdiff.prompts import PromptSetError, get_prompt_set
+
+    for section in (params.sample, params.evaluate):
+        name = "sample" if section is params.sample else "evaluate"
+        try:
+            prompts = get_prompt_set(section.prompt_set, root=root)
+        except PromptSetError as err:
+            raise ParamsError(f"{name}.prompt_set = {section.prompt_set!r}: {err}") from None
+        if section.num_prompts is not None and section.num_prompts > len(prompts):
+            raise ParamsError(f"{name}.num_prompts = {section.num_prompts}: prompt set {section.prompt_set!r} has "
+                              f"only {len(prompts)} prompts; allowed: 1..{len(prompts)} or null (all)")
 
 
 _KEY_LINE = re.compile(r"(?P<indent>\s+)(?P<key>[A-Za-z_][\w-]*):(?P<space>\s*)(?P<value>[^#\s](?:[^#]*[^#\s])?)?"

@@ -208,7 +208,7 @@ def _read_dir(path: Path) -> list[str]:
     for pattern, reader in (("*.json", _read_json), ("*.parquet", _read_parquet)):
         files = sorted(p for p in path.glob(pattern) if p.is_file())
         if files:
-            return [p for f in files for p in reader(f)]
+            return [p for f in files for p in _read_named(reader, f)]
     raise PromptSetError(f"{path}: directory holds no .json or .parquet prompt files")
 
 
@@ -233,13 +233,36 @@ def _read_any(path: Path) -> list[str]:
     return reader(path)
 
 
+def _read_named(reader: Callable[[Path], list[str]], path: Path) -> list[str]:
+    """``reader(path)``, with every way a file can be unreadable as one PromptSetError naming the file."""
+    try:
+        return reader(path)
+    except PromptSetError:
+        raise
+    except UnicodeDecodeError as err:
+        raise PromptSetError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                             "save the prompt file as UTF-8") from None
+    except csv.Error as err:
+        raise PromptSetError(f"{path}: not a readable table ({err}); one prompt per row under a "
+                             f"{'/'.join(PROMPT_COLUMNS)} header") from None
+    except OSError as err:
+        raise PromptSetError(f"{getattr(err, 'filename', None) or path}: cannot be read "
+                             f"({err.strerror or type(err).__name__}); check the path and its permissions") from None
+    except Exception as err:
+        if type(err).__module__.startswith("pyarrow"):  # ArrowInvalid etc.: a truncated or foreign .parquet
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise PromptSetError(f"{path}: not a readable parquet file ({first}); re-download or re-export "
+                                 "it") from None
+        raise
+
+
 def _read_hpsv2(path: Path) -> list[str]:
     if not path.is_dir():
         return _read_any(path)
     missing = [f"{s}.json" for s in HPSV2_STYLES if not (path / f"{s}.json").is_file()]
     if missing:
         raise PromptSetError(f"{path}: missing {', '.join(missing)} (expected {', '.join(HPSV2_STYLES)} .json)")
-    return [p for s in HPSV2_STYLES for p in _read_json(path / f"{s}.json")]
+    return [p for s in HPSV2_STYLES for p in _read_named(_read_json, path / f"{s}.json")]
 
 
 def _read_pickapic(path: Path) -> list[str]:
@@ -248,7 +271,7 @@ def _read_pickapic(path: Path) -> list[str]:
     files = sorted(p for p in path.glob("*.parquet") if p.is_file())
     if not files:
         raise PromptSetError(f"{path}: directory holds no .parquet files")
-    return [p for f in files for p in _read_parquet(f)]
+    return [p for f in files for p in _read_named(_read_parquet, f)]
 
 
 FILE_SETS: dict[str, FileSource] = {
@@ -321,7 +344,7 @@ def _load(name: str, root: Path) -> list[str]:
                 f"prompt set {name!r}: {path} not found; {src.how_to_get} and {src.place} {path}, "
                 f"or set evaluate.prompt_set (or sample.prompt_set): {src.example}"
             )
-        prompts = src.reader(path)
+        prompts = _read_named(src.reader, path)
         return list(dict.fromkeys(prompts)) if src.dedupe else prompts
     if _file_prefix(name):
         path = _resolve(name[len(FILE_PREFIX) :].strip(), root)
@@ -330,7 +353,7 @@ def _load(name: str, root: Path) -> list[str]:
                 f"prompt set {name!r}: {path} not found; create it or point the prompt set at an existing "
                 f"file (relative paths are resolved against the workspace root {root})"
             )
-        return _read_any(path)
+        return _read_named(_read_any, path)
     raise _unknown(name)
 
 
@@ -343,7 +366,8 @@ def get_prompt_set(name: str, limit: int | None = None, *, root: Path | None = N
     """
     prompts = _load(name, Path.cwd() if root is None else Path(root))
     if not prompts:
-        raise PromptSetError(f"prompt set {name!r} is empty")
+        raise PromptSetError(f"prompt set {name!r} is empty (no prompt after dropping blank and # lines); add "
+                             "prompts to it, one per line (.txt) or row (.tsv/.csv)")
     if limit is not None:
         if limit < 0:
             raise PromptSetError(f"num_prompts = {limit} must be >= 0")

@@ -2,7 +2,10 @@
 
 Stages run with the DVC workspace as the current directory (``dvc repro`` does that), so paths come from
 ``Paths(Path.cwd())``. The whole params.yaml is validated first, before any heavy import, so a typo in
-any section fails every stage at once with a message naming the key.
+any section fails every stage at once with a message naming the key; then what params name outside the
+file (prompt files, the base model's files, the devices) is checked the same way (``load_or_exit``).
+A user's error found later (a corrupt dataset, a model file that does not load) is the same one ``error:``
+line and exit status 2 (``run_stage``), never a traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from prefdiff.config import Params, ParamsError, load_params
+from prefdiff.config import Params, ParamsError, check_files, load_params
 from prefdiff.paths import Paths
 
 
@@ -23,16 +26,77 @@ def say(message: str) -> None:
 
 
 def refuse(err: Exception | str) -> NoReturn:
-    """Bad input: its one-line message on stderr and exit status 2, no traceback."""
-    print(f"error: {err}", file=sys.stderr, flush=True)
+    """Bad input: one ``error:`` line per problem on stderr (each names the key or file and the fix), exit
+    status 2, no traceback."""
+    problems = err.problems if isinstance(err, ParamsError) else [" ".join(str(err).split())]
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
 def load_or_exit(paths: Paths) -> Params:
+    """Every stage's first step: the whole params.yaml (every section and key present, types, ranges), the
+    prompt sets it names on disk, the base model's files and the devices against this machine; ``refuse``
+    on the first problem, before any heavy work."""
     try:
-        return load_params(paths.params)
+        params = load_params(paths.params)
+        check_files(params, paths.root)
     except ParamsError as err:
         refuse(err)
+    why = machine_refusal(params, paths)
+    if why is not None:
+        refuse(why)
+    return params
+
+
+def machine_refusal(params: Params, paths: Paths) -> str | None:
+    """Why this machine cannot run ``params`` (None: it can): a device that is not here (``model.device`` and
+    a ``device`` in the judge's or scorers' args), a base model whose files are not here or incomplete."""
+    from prefdiff.models.loading import ModelNotFoundError, device_problem, locate_model
+
+    devices = {"model.device": params.model.device}
+    if isinstance(params.label.judge_args.get("device"), str):
+        devices["label.judge_args.device"] = params.label.judge_args["device"]
+    for name, args in params.evaluate.scorer_args.items():
+        if isinstance(args.get("device"), str):
+            devices[f"evaluate.scorer_args.{name}.device"] = args["device"]
+    for key, device in devices.items():
+        problem = device_problem(device, key)
+        if problem is not None:
+            return problem
+    try:
+        source = params.model.source
+        relative = not source.startswith("builtin:") and not Path(source).expanduser().is_absolute()
+        if relative and (paths.root / source).exists():  # a local dir relative to the workspace
+            source = str(paths.root / source)
+        locate_model(source, params.model.revision)
+    except ModelNotFoundError as err:
+        return str(err)
+    return None
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean bad input (params, prompt files, datasets, model files, devices), not a bug: each
+    message names the key or file and what to do; or a run that cannot usefully go on (``RunError``: non-finite
+    numbers, a policy that did not learn, out of memory), whose message names the keys to change. Imported
+    here, when one was raised, not at start-up."""
+    from prefdiff.data import DatasetError
+    from prefdiff.models.loading import DeviceError, ModelNotFoundError
+    from prefdiff.prompts import PromptSetError
+    from prefdiff.sampling.guards import RunError
+
+    return ParamsError, PromptSetError, DatasetError, ModelNotFoundError, DeviceError, RunError
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's ``main``; a user's error (``user_errors``) raised anywhere in it is refused as one
+    ``error:`` line with exit status 2 instead of a traceback."""
+    try:
+        main()
+    except Exception as err:
+        if isinstance(err, user_errors()):
+            refuse(err)
+        raise
 
 
 def flatten(prefix: str, section: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ scores, report.html; with digit prompts also digits.png, the sample grid per dig
 
 from __future__ import annotations
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, run_stage, say, tracked, workspace
 
 
 def headline(m: dict) -> str:
@@ -60,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,7 +7,7 @@ evaluation reads no sampled pairs).
 
 from __future__ import annotations
 
-from stages._common import load_or_exit, say, tracked, workspace
+from stages._common import load_or_exit, run_stage, say, tracked, workspace
 
 
 def main() -> None:
@@ -27,4 +27,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

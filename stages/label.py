@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages._common import load_or_exit, refuse, say, tracked, workspace
+from stages._common import load_or_exit, refuse, run_stage, say, tracked, workspace
 
 if TYPE_CHECKING:
     from prefdiff.config import HumanLabelParams, SimulatedLabelParams
@@ -28,11 +28,14 @@ def main() -> None:
 
     lp = params.label
     human_log = _human_log(lp.human, paths) if lp.source == "human" else None
+    store = None
+    if lp.source != "pickapic":  # the sampled chains, checked (index, shards, PNGs) before the run starts
+        from prefdiff.data.trajectories import TrajectoryStore
+
+        store = TrajectoryStore.open(paths.trajectories)
     with tracked("label", params, paths, ("label",)) as log_metrics:
         if human_log is not None:
-            from prefdiff.data.trajectories import TrajectoryStore
-
-            log_metrics(_human(TrajectoryStore.open(paths.trajectories), lp.human, human_log, paths))
+            log_metrics(_human(store, lp.human, human_log, paths))
         elif lp.source == "pickapic":
             from prefdiff.data.pickapic import ImportConfig, import_pickapic
 
@@ -44,10 +47,8 @@ def main() -> None:
             log_metrics({"label/rows_read": imported.rows_read, "label/ties_dropped": imported.ties_dropped,
                          "label/rows_rejected": imported.rows_rejected})
         else:
-            from prefdiff.data.trajectories import TrajectoryStore
             from prefdiff.labeling.pairs import judge_scorer, label_trajectories
 
-            store = TrajectoryStore.open(paths.trajectories)
             judge = judge_scorer(lp.judge, lp.judge_args, lp.jpeg_quality)
             if lp.source == "simulated":
                 log_metrics(_simulate(store, judge, lp.simulated, paths.preferences))
@@ -168,4 +169,4 @@ def _human_summary(prefs: HumanPreferences, log: LabelLog, metrics: dict[str, fl
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
-from stages._common import load_or_exit, refuse, say, tracked, workspace
+from stages._common import load_or_exit, refuse, run_stage, say, tracked, workspace
 
 
 def main() -> None:
@@ -59,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,7 +12,7 @@ set) as soon as it is done, and a point of the parent's ``rounds/<metric>`` curv
 
 from __future__ import annotations
 
-from stages._common import load_or_exit, refuse, say, tracked, workspace
+from stages._common import load_or_exit, refuse, run_stage, say, tracked, workspace
 
 
 def main() -> None:
@@ -37,9 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from prefdiff.sampling.guards import RunError
-
-    try:
-        main()
-    except RunError as err:  # non-finite numbers, a policy that did not learn, out of memory: what to change
-        refuse(err)
+    run_stage(main)

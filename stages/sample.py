@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from stages._common import load_or_exit, refuse, say, tracked, workspace
+from stages._common import load_or_exit, run_stage, say, tracked, workspace
 
 
 def main() -> None:
@@ -41,9 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from prefdiff.sampling.guards import RunError
-
-    try:
-        main()
-    except RunError as err:  # non-finite numbers, a policy that did not learn, out of memory: what to change
-        refuse(err)
+    run_stage(main)

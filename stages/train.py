@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from stages._common import load_or_exit, refuse, say, tracked, workspace
+from stages._common import load_or_exit, refuse, run_stage, say, tracked, workspace
 
 if TYPE_CHECKING:
     from prefdiff.config import Params
@@ -32,6 +32,12 @@ def main() -> None:
     why = refusal(params)
     if why is not None:
         refuse(why)
+    from prefdiff.data.preferences import PreferenceStore
+    from prefdiff.data.trajectories import TrajectoryStore
+
+    # the input datasets' indexes and headers, before the model loads (fit verifies the bytes as it reads)
+    if PreferenceStore.open(paths.preferences).source_kind == "trajectories":
+        TrajectoryStore.open(paths.trajectories, verify=False)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
     from prefdiff.training.fit import fit
 
@@ -48,9 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from prefdiff.sampling.guards import RunError
-
-    try:
-        main()
-    except RunError as err:  # non-finite numbers, a policy that did not learn, out of memory: what to change
-        refuse(err)
+    run_stage(main)

@@ -1,5 +1,6 @@
 """params.yaml validation: every bad value fails up front with the key, the value and what is allowed."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,80 @@ def test_a_timestep_window_longer_than_the_chain_is_refused_up_front():
                                           r"allowed: 1..20 or null"):
         parse_params({"train": {"d3po": {"timestep_window": 30}}})
     assert parse_params({"train": {"d3po": {"timestep_window": 20}}}).train.d3po.timestep_window == 20
+
+
+def test_missing_sections_and_keys_are_named(tmp_path):
+    """DVC reads the keys it tracks from params.yaml itself: a section or key left out must stop every stage
+    (pydantic's defaults would let it pass, and DVC would fail at the train stage hours later)."""
+    from prefdiff.config import missing_keys
+
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert missing_keys(data) == []
+    del data["train"]["d3po"]["beta"], data["register"]
+    assert missing_keys(data) == ["train.d3po.beta", "register (section)"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ParamsError, match=r"missing train.d3po.beta, register \(section\); every section and key"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"register": {"min_improvement": float("nan")}}, "register.min_improvement"),
+    ({"train": {"max_grad_norm": float("inf")}}, "train.max_grad_norm"),
+    ({"evaluate": {"tie_margin": float("inf")}}, "evaluate.tie_margin"),
+    ({"train": {"diffusion_dpo": {"beta": float("nan")}}}, "train.diffusion_dpo.beta"),
+])
+def test_nan_and_inf_are_refused(data, key):
+    with pytest.raises(ParamsError) as err:
+        parse_params(data)
+    [problem] = err.value.problems  # the one line a stage prints after "error: "
+    assert re.fullmatch(rf"params: {re.escape(key)} = (nan|inf): Input should be a finite number \(NaN and "
+                        r"infinity are refused\)", problem), problem
+
+
+def test_every_count_has_an_upper_bound():
+    """No int field (a count, a size, a seed) and no positive scale is unbounded above (train.epochs 1e12 ran)."""
+    from pydantic import BaseModel
+
+    from prefdiff.config import Params
+
+    unbounded = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            kinds = {ann} | set(getattr(ann, "__args__", ()))
+            numeric = kinds & {int, float}
+            bounded = any(hasattr(m, "le") or hasattr(m, "lt") for m in field.metadata)
+            if numeric and not bounded and f"{prefix}{name}" not in UNBOUNDED_ON_PURPOSE:
+                unbounded.append(f"{prefix}{name}")
+
+    walk(Params, "")
+    assert unbounded == []
+
+
+# thresholds in a scorer's own units (no scale is known in advance); finite, and tie margins >= 0
+UNBOUNDED_ON_PURPOSE = {"label.tie_margin", "evaluate.tie_margin", "register.min_improvement",
+                        "label.simulated.annotators"}
+
+
+def test_check_files_reads_the_prompt_sets_and_names_the_key(tmp_path):
+    from prefdiff.config import check_files
+
+    check_files(load_params(REPO / "params.yaml"), REPO)  # the shipped sets
+    (tmp_path / "p.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    params = parse_params({"evaluate": {"prompt_set": "file:p.txt"}})
+    with pytest.raises(ParamsError, match=r"^evaluate.prompt_set = 'file:p.txt': .*p.txt: not UTF-8 text \(byte 0xe9"):
+        check_files(params, tmp_path)
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    check_files(params, tmp_path)
+    with pytest.raises(ParamsError, match=r"^sample.num_prompts = 3: prompt set 'file:p.txt' has only 2 prompts"):
+        check_files(parse_params({"sample": {"prompt_set": "file:p.txt", "num_prompts": 3}}), tmp_path)
+
+
+def test_a_mapping_over_a_value_in_compare_overrides_is_a_params_error():
+    # found by tests/test_validation_properties.py: merged() crashed with TypeError on `lr: {}`
+    with pytest.raises(ParamsError, match=r"(?s)compare.overrides.sft over train.*lr = \{\}: Input should be a valid"):
+        parse_params({"compare": {"overrides": {"sft": {"lr": {}}}}})

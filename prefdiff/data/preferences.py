@@ -442,7 +442,20 @@ class PreferenceStore:
 
     @classmethod
     def open(cls, root: Path) -> PreferenceStore:
+        """Open and check a preference dataset; DatasetError("<file>: <what is wrong> — <what to do>")."""
         root = Path(root)
+        try:
+            return cls._open(root)
+        except DatasetError:
+            raise
+        # malformed entries the checks below do not name (a count that is a string, a source that is a list):
+        # the user gets the files and "malformed", never a traceback into this module
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError) as e:
+            raise DatasetError(f"{root / INDEX_NAME}: malformed preference dataset index or {PAIRS_NAME} "
+                               f"({type(e).__name__}: {e}) — {_HINT}") from None
+
+    @classmethod
+    def _open(cls, root: Path) -> PreferenceStore:
         index_path, pairs_path = root / INDEX_NAME, root / PAIRS_NAME
         if not index_path.is_file():
             raise DatasetError(f"{index_path}: missing; {root} is not a complete preference dataset — {_HINT}")

@@ -291,8 +291,11 @@ class TrajectoryStore:
         root = Path(root)
         index_path = root / INDEX_NAME
         if (root / NOT_SAMPLED_NAME).is_file():
-            reason = json.loads((root / NOT_SAMPLED_NAME).read_text()).get("reason", "no reason recorded")
-            raise DatasetError(f"{root}: holds no trajectories on purpose ({reason})")
+            try:
+                reason = json.loads((root / NOT_SAMPLED_NAME).read_bytes())["reason"]
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                reason = f"{NOT_SAMPLED_NAME} is unreadable"
+            raise DatasetError(f"{root}: holds no trajectories on purpose ({reason}) — {_HINT}")
         if not index_path.is_file():
             raise DatasetError(f"{index_path}: missing; {root} is not a complete trajectory dataset — {_HINT}")
         raw = index_path.read_bytes()
@@ -305,15 +308,18 @@ class TrajectoryStore:
         _check_schema(index_path, index)
         try:
             _check_index_structure(index_path, index)
+            for shard in index["shards"]:
+                _check_shard(root, index, shard, verify=verify)
+            for im in index["images"]:
+                _check_file(root / im["png"], im["png_sha256"], index_path, verify=verify,
+                            damage="corrupt or was modified")
+            return cls(root, index, sha256_bytes(raw))
         except DatasetError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:  # malformed entries
-            raise DatasetError(f"{index_path}: malformed index ({type(e).__name__}: {e}) — {_HINT}") from e
-        for shard in index["shards"]:
-            _check_shard(root, index, shard, verify=verify)
-        for im in index["images"]:
-            _check_file(root / im["png"], im["png_sha256"], index_path, verify=verify, damage="corrupt or was modified")
-        return cls(root, index, sha256_bytes(raw))
+        # malformed entries (a string where a count belongs, a shard that is not an object, ...): whatever
+        # reading them raises, the user gets the file and "malformed", never a traceback into this module
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as e:
+            raise DatasetError(f"{index_path}: malformed index ({type(e).__name__}: {e}) — {_HINT}") from None
 
     # -- accessors --------------------------------------------------------------------------------------
     def groups(self) -> list[dict]:

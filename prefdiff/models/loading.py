@@ -26,10 +26,55 @@ class ModelNotFoundError(FileNotFoundError):
     """The requested base model is not available offline; the message says where we looked and what to do."""
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks the first CUDA device when there is one, else the CPU."""
+class DeviceError(ValueError):
+    """The requested device is not on this machine; the message names the key and the devices there are."""
+
+
+# What each pipeline class needs from model_index.json (diffusers' __init__ arguments without defaults), and
+# the components whose directory must hold weights.
+REQUIRED_COMPONENTS = {
+    "StableDiffusionPipeline": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
+    "StableDiffusionXLPipeline": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+                                  "scheduler"),
+}
+WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def available_devices() -> list[str]:
+    """The devices torch can use here: ``cpu``, then ``cuda:0``.. and ``mps`` when present."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def device_problem(device: str, key: str = "model.device") -> str | None:
+    """Why ``device`` cannot be used on this machine (None: it can), naming ``key`` and the devices there are."""
+    if device in ("auto", "cpu"):
+        return None
+    have = available_devices()
+    if device == "cuda" and any(d.startswith("cuda:") for d in have) or device in have:
+        return None
+    why = "this machine has no CUDA device" if device.startswith("cuda") else f"{device} is not available here"
+    if device.startswith("cuda") and torch.version.cuda is None:
+        why += f" (torch {torch.__version__} is a CPU-only build)"
+    elif device.startswith("cuda:") and torch.cuda.is_available():
+        why = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    return f"{key} = {device!r}: {why}; available: {', '.join(['auto', *have])} (auto: the first CUDA device, else cpu)"
+
+
+def resolve_device(device: str, key: str = "model.device") -> torch.device:
+    """``auto`` picks the first CUDA device when there is one, else the CPU; DeviceError for a device that is
+    not on this machine (torch would fail later with "Torch not compiled with CUDA enabled")."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem = device_problem(device, key)
+    if problem is not None:
+        raise DeviceError(problem)
     return torch.device(device)
 
 
@@ -55,11 +100,16 @@ def load_pipeline(source: str, *, dtype: str = "float32", device: str = "cpu", r
         if dtype != "float32":
             pipe = pipe.to(dtype=DTYPES[dtype])
     else:
-        path = _locate(source, revision)
+        path = locate_model(source, revision)
         cls = _pipeline_class(path)
         extra = {"add_watermarker": False} if cls.__name__ == "StableDiffusionXLPipeline" else {
             "safety_checker": None, "requires_safety_checker": False}
-        pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True, **extra)
+        try:
+            pipe = cls.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True, **extra)
+        except (OSError, ValueError) as err:  # a file check_pipeline_dir cannot see: a variant, a shard, a config
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelNotFoundError(f"model.source = {source!r}: {path} cannot be loaded ({first}); re-save the "
+                                     "pipeline with `save_pretrained(dir)` or re-download it") from None
         # The log-prob sampler is DDIM; keep the model's own noise schedule (betas, offset, spacing).
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     if dtype == "float16" and is_sdxl(pipe) and pipe.vae.config.get("force_upcast", False):
@@ -76,12 +126,62 @@ def load_pipeline(source: str, *, dtype: str = "float32", device: str = "cpu", r
 
 def _pipeline_class(path: Path):
     """StableDiffusionPipeline or StableDiffusionXLPipeline, from ``model_index.json``'s ``_class_name``."""
-    import json
-
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    name = _model_index(path, str(path)).get("_class_name", "")
     return StableDiffusionXLPipeline if "XL" in name else StableDiffusionPipeline
+
+
+def _model_index(path: Path, source: str) -> dict:
+    import json
+
+    index = path / "model_index.json"
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelNotFoundError(f"model.source = {source!r}: {index} is not valid JSON ({err}); re-save the "
+                                 "pipeline with `save_pretrained(dir)`") from None
+    if not isinstance(data, dict):
+        raise ModelNotFoundError(f"model.source = {source!r}: {index} is not a JSON object; re-save the pipeline")
+    return data
+
+
+def check_pipeline_dir(path: Path, source: str) -> None:
+    """Every component the pipeline class needs is listed in ``model_index.json`` and present on disk, and
+    each model component's directory holds a config and a weight file: ModelNotFoundError naming the first
+    one missing (diffusers' own error for it is a long traceback about a constructor argument)."""
+    index = _model_index(path, source)
+    cls = "StableDiffusionXLPipeline" if "XL" in str(index.get("_class_name", "")) else "StableDiffusionPipeline"
+    where = f"model.source = {source!r}: {path / 'model_index.json'}"
+    for name in REQUIRED_COMPONENTS[cls]:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)):
+            raise ModelNotFoundError(f"{where} lists no component {name!r} (found {entry!r}); a {cls} needs "
+                                     f"{', '.join(REQUIRED_COMPONENTS[cls])}: re-save the pipeline with "
+                                     "`save_pretrained(dir)`")
+        folder = path / name
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"model.source = {source!r}: component {name!r} is listed in model_index.json "
+                                     f"but {folder} is missing; copy the whole pipeline directory")
+        if name in WEIGHTED_COMPONENTS:
+            if not (folder / "config.json").is_file():
+                raise ModelNotFoundError(f"model.source = {source!r}: {folder / 'config.json'} is missing; copy the "
+                                         "whole pipeline directory")
+            if not any(f.name.endswith(WEIGHT_SUFFIXES) for f in folder.iterdir() if f.is_file()):
+                raise ModelNotFoundError(f"model.source = {source!r}: no weight file in {folder} (expected e.g. "
+                                         f"{'model' if name.startswith('text_encoder') else 'diffusion_pytorch_model'}"
+                                         ".safetensors); copy the whole pipeline directory or re-download it")
+
+
+def locate_model(source: str, revision: str | None = None) -> Path | None:
+    """The checked pipeline directory of ``source`` (None for a builtin: model, built in memory): a local
+    directory or the local Hugging Face cache, with every component and weight file (check_pipeline_dir).
+    ModelNotFoundError otherwise; nothing is loaded, so a stage calls this first."""
+    if source.startswith(BUILTIN_PREFIX):
+        return None
+    path = _locate(source, revision)
+    check_pipeline_dir(path, source)
+    return path
 
 
 def _locate(source: str, revision: str | None) -> Path:
