@@ -48,6 +48,7 @@ from flows.round import (
     _logger,
     _mark_failed,
     open_parent_run,
+    refused,
     resolve_baseline,
     run_stage,
     stage_env,
@@ -434,8 +435,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.compare") -
     try:
         load_params(Paths(REPO_ROOT).params)  # before the ephemeral Prefect server starts (~10 s)
     except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refused(err)
     try:
         compare_methods(methods=args.methods)
     except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already

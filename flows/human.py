@@ -683,8 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(Paths(root).params)  # before the ephemeral Prefect server starts (~10 s)
         check_rounds(args.rounds, check_wait(None, timeout_seconds, args.poll_seconds), params)
     except (ParamsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refused(err)
     return run_flow_cli("human_round", lambda: human_round(
         repo=args.repo, timeout_seconds=timeout_seconds, poll_seconds=args.poll_seconds,
         serve_labels=args.serve_labels, rounds=args.rounds))

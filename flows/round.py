@@ -504,10 +504,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.round") -> 
         check_stages(args.stages)
         load_params(Paths(Path(args.repo).resolve() if args.repo else REPO_ROOT).params)  # before Prefect starts
     except (ParamsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refused(err)
     return run_flow_cli("d3po_round", lambda: preference_round(repo=args.repo, stages=args.stages,
                                                                run_name=args.run_name))
+
+
+def refused(err: Exception) -> int:
+    """A flow CLI's bad input: one ``error:`` line per problem (``ParamsError.problems``), exit status 2."""
+    for problem in getattr(err, "problems", None) or [" ".join(str(err).split())]:
+        print(f"error: {problem}", file=sys.stderr)
+    return 2
 
 
 def run_flow_cli(name: str, run: Callable[[], object]) -> int:

@@ -31,8 +31,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.round import (_flow_run_info, _logger, _mark_failed, open_parent_run, retry_on_io_error, run_flow_cli,
-                         run_stage, ui_hint)
+from flows.round import (_flow_run_info, _logger, _mark_failed, open_parent_run, refused, retry_on_io_error,
+                         run_flow_cli, run_stage, ui_hint)
 from prefdiff.config import ParamsError, load_params, with_param_values
 from prefdiff.paths import REPO_ROOT, Paths
 
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         if why is not None:
             raise ParamsError(why)
     except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return refused(err)
     return run_flow_cli("preference_rounds", lambda: preference_rounds(rounds=args.rounds))
 
 
