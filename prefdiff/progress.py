@@ -30,12 +30,29 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str, total: int | No
     from tqdm import tqdm
 
     terminal = sys.stderr.isatty()
-    settings: dict[str, Any] = {"desc": desc, "total": total, "unit": unit, "file": sys.stderr,
+    settings: dict[str, Any] = {"desc": desc, "total": total, "unit": unit,
+                                "file": sys.stderr if terminal else _LogLines(sys.stderr),
                                 "mininterval": TERMINAL_INTERVAL_S if terminal else LOG_INTERVAL_S,
                                 "dynamic_ncols": terminal, "ascii": not terminal}
     if not terminal:
         settings["ncols"] = LOG_WIDTH
     return tqdm(iterable, **(settings | options))
+
+
+class _LogLines:
+    """tqdm's output for a log: each redraw one line ending in ``\n`` (tqdm starts a frame with ``\r`` and
+    ends it with nothing, so a line printed next, to stdout, would otherwise continue the bar's line)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        frame = text.replace("\r", "").rstrip()  # tqdm pads a shorter frame with spaces; a bare "\n" closes
+        if frame:
+            self.stream.write(frame + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 @contextmanager
