@@ -3,6 +3,7 @@ the sample grid per digit, the report, and evaluate_trained with digit prompts v
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -254,7 +255,7 @@ def test_a_missing_classifier_is_a_skip_with_the_reason(tmp_path):
     present = tmp_path / "classifier.safetensors"
     present.write_bytes(b"")  # availability checks the file's existence only; nothing is loaded here
     scorer, reason = digit_classifier(_params(tmp_path, digits, {"digit_alignment": {"classifier": str(present)}}), {})
-    assert reason == "" and scorer.params() == {"classifier": str(present)}
+    assert reason == "" and scorer.params() == {"classifier_sha256": hashlib.sha256(b"").hexdigest()}
     own = object()  # the evaluation's own digit_alignment scorer is reused, not built again
     assert digit_classifier(params, {"digit_alignment": own}) == (own, "")
 

@@ -66,6 +66,21 @@ def test_a_pickapic_import_shows_rows_with_pairs_ties_and_rejections(tmp_path, m
     assert last.endswith("pairs=4, ties=1, rejected=0]")
 
 
+def save_random_lora(out: Path, *, seed: int):
+    """A LoRA on the tiny model that differs from the base (seeded), saved to ``out``; returns the pipeline."""
+    from prefdiff.models import lora
+    from prefdiff.models.loading import load_pipeline
+
+    pipe = load_pipeline("builtin:tiny-sd")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in lora.add_lora(pipe.unet, rank=4, alpha=4.0):
+                p.add_(0.05 * torch.randn_like(p))
+    lora.save_lora(pipe.unet, out)
+    return pipe
+
+
 @pytest.fixture(scope="module")
 def tiny_round(tmp_path_factory):
     """A tiny sampled and labeled round and a LoRA that differs from the base."""
@@ -73,8 +88,6 @@ def tiny_round(tmp_path_factory):
     from prefdiff.data.preferences import PreferenceStore
     from prefdiff.data.trajectories import TrajectoryStore
     from prefdiff.labeling.pairs import label_trajectories
-    from prefdiff.models import lora
-    from prefdiff.models.loading import load_pipeline
     from prefdiff.sampling.dataset import sample_dataset
     from prefdiff.scorers import get_scorer
 
@@ -84,13 +97,7 @@ def tiny_round(tmp_path_factory):
     sample_dataset(params, root / "traj", progress=lambda _: None)
     store = TrajectoryStore.open(root / "traj")
     label_trajectories(store, get_scorer("jpeg_compressibility"), root / "prefs", progress=lambda _: None)
-    pipe = load_pipeline("builtin:tiny-sd")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        with torch.no_grad():
-            for p in lora.add_lora(pipe.unet, rank=4, alpha=4.0):
-                p.add_(0.05 * torch.randn_like(p))
-    lora.save_lora(pipe.unet, root / "lora")
+    save_random_lora(root / "lora", seed=3)
     return root, store, PreferenceStore.open(root / "prefs")
 
 
@@ -140,19 +147,11 @@ def test_evaluate_shows_sampling_and_scoring_of_each_model(tmp_path, capsys):
     model; generating batch by batch gives the images one generate call gives."""
     from evaluation.evaluate import evaluate_trained
     from prefdiff.config import parse_params
-    from prefdiff.models import lora
-    from prefdiff.models.loading import load_pipeline
     from prefdiff.paths import Paths
     from prefdiff.profile import merged
     from prefdiff.sampling.sampler import SamplingConfig, generate
 
-    pipe = load_pipeline("builtin:tiny-sd")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        with torch.no_grad():
-            for p in lora.add_lora(pipe.unet, rank=4, alpha=4.0):
-                p.add_(0.05 * torch.randn_like(p))
-    lora.save_lora(pipe.unet, tmp_path / "trained")
+    pipe = save_random_lora(tmp_path / "trained", seed=5)
     (tmp_path / "prompts.txt").write_text("a cat\na dog\na red owl\n")
     overrides = {
         "model": {"source": "builtin:tiny-sd", "device": "cpu"}, "sampling": {"num_steps": 2},

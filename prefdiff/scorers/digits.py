@@ -111,7 +111,14 @@ class DigitAlignmentScorer(Scorer):
         return self.digit_probabilities(images).gather(1, digits[:, None]).squeeze(1)
 
     def params(self) -> dict[str, Any]:
-        return {"classifier": self.classifier_path}
+        """The classifier by content (its sha256), so clones in other directories share one evaluation
+        protocol; a classifier handed over in memory, or a file not there yet, by name."""
+        path = Path(self.classifier_path)
+        if not path.is_file():
+            return {"classifier": self.classifier_path}
+        import hashlib
+
+        return {"classifier_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def ink_coverage_percent(images: list[Image.Image]) -> torch.Tensor:
