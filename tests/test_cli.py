@@ -210,7 +210,9 @@ def test_doctor_bad_params_is_one_error_line(tmp_path):
 
 def test_make_mlflow_ui_takes_host_and_port():
     def command(*args: str) -> str:
-        out = subprocess.run(["make", "-n", "mlflow-ui", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        # --no-print-directory: under `make test` this make is a sub-make, which would end with "Leaving directory"
+        out = subprocess.run(["make", "--no-print-directory", "-n", "mlflow-ui", *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()[-1]
 
