@@ -60,6 +60,7 @@ from flows.round import (
     _mark_failed,
     check_stages,
     open_parent_run,
+    refused,
     retry_on_io_error,
     run_flow_cli,
     run_round,

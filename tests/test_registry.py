@@ -560,7 +560,7 @@ def test_register_stage_killed_before_decision_json_then_rerun(registry, monkeyp
 
     ws = registry / "stage-ws"
     (ws / "metrics").mkdir(parents=True, exist_ok=True)
-    (ws / "params.yaml").write_text("register:\n  experiment: prefdiff-test\n  model_name: stage-model\n")
+    _stage_params(ws, "stage-model")
     (ws / "metrics" / "eval.json").write_text(json.dumps(
         {"trained_mean_reward": 1.0, "base_mean_reward": 0.5, "protocol_fingerprint": PROTOCOL}))
     (ws / "models").mkdir()
@@ -577,6 +577,18 @@ def test_register_stage_killed_before_decision_json_then_rerun(registry, monkeyp
     assert _versions("stage-model") == [1]
 
 
+def _stage_params(ws: Path, model_name: str) -> None:
+    """The repository's params.yaml (a stage refuses one that lacks keys) with this test's registry names."""
+    import yaml
+
+    from conftest import REPO
+    from prefdiff.profile import merged
+
+    every_key = yaml.safe_load((REPO / "params.yaml").read_text())
+    (ws / "params.yaml").write_text(yaml.safe_dump(merged(every_key, {"register": {
+        "experiment": "prefdiff-test", "model_name": model_name}})))
+
+
 def test_register_stage_refuses_non_finite_metrics_in_one_line(registry, monkeypatch, capsys):
     import json
 
@@ -584,7 +596,7 @@ def test_register_stage_refuses_non_finite_metrics_in_one_line(registry, monkeyp
 
     ws = registry / "nan-ws"
     (ws / "metrics").mkdir(parents=True, exist_ok=True)
-    (ws / "params.yaml").write_text("register:\n  experiment: prefdiff-test\n  model_name: nan-stage\n")
+    _stage_params(ws, "nan-stage")
     (ws / "metrics" / "eval.json").write_text(json.dumps(
         {"trained_mean_reward": float("nan"), "base_mean_reward": 0.5, "protocol_fingerprint": PROTOCOL}))
     monkeypatch.chdir(ws)

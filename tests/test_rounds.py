@@ -173,7 +173,9 @@ def test_the_sample_stage_refuses_a_missing_lora_in_one_line(tmp_path):
 
     from conftest import venv_env
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merged(TINY, {"sample": {"lora": "models/nowhere"}})))
+    every_key = yaml.safe_load((REPO / "params.yaml").read_text())  # a stage refuses a params.yaml missing keys
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(merged(every_key, merged(TINY, {"sample": {"lora":
+                                                                                             "models/nowhere"}}))))
     proc = subprocess.run([sys.executable, "-m", "stages.sample"], cwd=tmp_path, capture_output=True, text=True,
                           env=venv_env({"PYTHONPATH": str(REPO)}), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
