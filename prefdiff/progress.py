@@ -1,10 +1,10 @@
 """Progress bars for long phases: count, rate and ETA, readable in a terminal and in a log.
 
 The stages run under ``dvc repro``, often inside a Prefect flow that logs the stage's output line by line
-(``flows.round.stream_command`` reads it as text, so each ``\\r`` redraw of a bar ends a line). In a
-terminal a bar redraws in place twice a second; anywhere else (a pipe, a log file, Prefect) it redraws at
-most every ``LOG_INTERVAL_S`` seconds, in ASCII and a fixed width, so a long phase gives a readable log
-line with its rate and ETA every few seconds instead of thousands of fragments. The last redraw (on close)
+(``flows.round.stream_command``). In a terminal a bar redraws in place twice a second; anywhere else (a
+pipe, a log file, Prefect) it redraws at most every ``LOG_INTERVAL_S`` seconds, each redraw one line of
+ASCII at a fixed width (``_LogLines``), so a long phase gives a readable log line with its rate and ETA
+every few seconds instead of thousands of fragments. The last redraw (on close)
 always shows the final count, the elapsed time and the mean rate.
 """
 
