@@ -433,6 +433,7 @@ def fit(
     units = 1 if timesteps is None else timesteps[1]
     bar = progress_bar(desc=f"train {name}", total=backwards_before(total_steps, method.items, tp, units),
                        unit="backward", initial=backwards_before(start_step, method.items, tp, units))
+    skipped = nonfinite_steps(curve)  # a resumed run's curve counts its earlier skipped steps
     with bar, memory_knobs("while training", training_memory_knobs(params)):
         for plan in plan_steps(method.items, tp, start_step):
             lr = model.set_lr(plan.step, total_steps)
@@ -443,7 +444,7 @@ def fit(
             if log_metrics is not None:
                 log_metrics({f"train/{k}": v for k, v in step.means.items()} | {"train/grad_norm": step.grad_norm},
                             plan.step)
-            skipped = nonfinite_steps(curve)
+            skipped += int(step.skipped)
             with above_bars():
                 progress(f"step {plan.step}/{total_steps} epoch {epoch}: "
                          + " ".join(f"{k} {v:.5g}" for k, v in step.means.items()) + f" grad_norm {step.grad_norm:.4g}"
