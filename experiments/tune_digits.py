@@ -4,11 +4,12 @@ The library calls of the stages (``sample_dataset``, ``label_trajectories``, ``f
 DVC/MLflow, so a try costs only its training when the sampled and labeled data are reused (cached under
 ``--work`` by sample settings and label margin). The evaluation is the evaluate stage's protocol: the
 ``evaluate.prompt_set`` prompts x ``evaluate.seeds_per_prompt`` seeds from ``evaluate.seed``, base and
-trained on the same seeds, the primary judge's mean and the win-rate (ties half).
+trained on the same seeds, the primary judge's mean and the win-rate (ties half) with its prompt-clustered
+bootstrap interval (the evaluate stage's headline).
 
     python -m experiments.tune_digits '{"train": {"method": "sft", "lr": 0.001, "epochs": 4}}' sft-lr1e-3
 
-prints one line: ``<tag>: base <mean> trained <mean> win <rate> train <s>s final {<train metrics>}``. The
+prints one line: ``<tag>: base <mean> trained <mean> win <rate> [<low>, <high>] train <s>s final {<train metrics>}``. The
 README's tuning record ("What `make run` shows", "One data set, every method") was measured this way.
 """
 
@@ -26,6 +27,7 @@ PARAMS = Path(__file__).resolve().parent.parent / "params.yaml"
 
 
 def tune(overrides: dict, tag: str, work: Path) -> str:
+    from evaluation.stats import cluster_bootstrap_ci
     from prefdiff.config import merged, parse_params
     from prefdiff.data.trajectories import TrajectoryStore
     from prefdiff.labeling.pairs import judge_scorer, label_trajectories
@@ -64,10 +66,11 @@ def tune(overrides: dict, tag: str, work: Path) -> str:
     base = scorer.score(generate(pipe, prompts, seeds, cfg, batch_size=ep.batch_size), prompts)
     with trained_weights(pipe, out):
         trained = scorer.score(generate(pipe, prompts, seeds, cfg, batch_size=ep.batch_size), prompts)
-    win = float(((trained > base).float() + 0.5 * (trained == base).float()).mean())
+    outcomes = ((trained > base).float() + 0.5 * (trained == base).float()).numpy()
+    low, high = cluster_bootstrap_ci(outcomes, prompts, n_boot=ep.bootstrap_samples, seed=ep.seed)
     final = json.dumps({k: round(v, 4) for k, v in summary.final.items()})
-    return (f"{tag}: base {float(base.mean()):.4f} trained {float(trained.mean()):.4f} win {win:.3f} "
-            f"train {seconds:.0f}s final {final}")
+    return (f"{tag}: base {float(base.mean()):.4f} trained {float(trained.mean()):.4f} win {outcomes.mean():.3f} "
+            f"[{low:.3f}, {high:.3f}] train {seconds:.0f}s final {final}")
 
 
 def main(argv: list[str] | None = None) -> None:
