@@ -131,6 +131,10 @@ class PickapicImportParams(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)  # random crop / flip draws are a pure function of (seed, row)
     max_pairs: int | None = Field(None, ge=1, le=1_000_000_000)  # stop after this many decided pairs (None: all)
     on_bad_row: Literal["error", "skip"] = "error"  # skip: count rejected rows in the dataset index
+    # processes that decode and encode images (None: the CPUs this process may use); the dataset's bytes do
+    # not depend on it
+    workers: int | None = Field(None, ge=1, le=1024)
+    shard_mb: int = Field(128, ge=1, le=4096)  # images are stored many to a file: a shard closes at this many MiB
 
 
 class AnnotatorParams(_Section):

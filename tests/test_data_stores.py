@@ -282,7 +282,7 @@ def test_preference_index_records_trajectory_source(store_dir: Path, tmp_path: P
     out = tmp_path / "prefs"
     write_preferences(out, sample_pairs(), judge=JUDGE, trajectories=traj)
     idx = json.loads((out / "index.json").read_text())
-    assert idx["schema_version"] == 2 and idx["source"] == {"kind": "trajectories"}
+    assert idx["schema_version"] == 3 and idx["source"] == {"kind": "trajectories"}
     assert PreferenceStore.open(out).source_kind == "trajectories"
 
 
@@ -304,13 +304,16 @@ def test_preference_schema_1_still_reads(store_dir: Path, tmp_path: Path) -> Non
     (out / "index.json").write_text(json.dumps(idx))
     with pytest.raises(DatasetError, match=r"index\.json: missing key 'source'"):
         PreferenceStore.open(out)
+    idx["source"] = {"kind": "trajectories"}  # a trajectory-backed dataset of version 2 reads as version 3
+    (out / "index.json").write_text(json.dumps(idx))
+    assert PreferenceStore.open(out).pairs == sample_pairs()
     idx["source"] = {"kind": "videos"}
     (out / "index.json").write_text(json.dumps(idx))
     with pytest.raises(DatasetError, match=r"source\.kind must be one of \['trajectories', 'images'\]"):
         PreferenceStore.open(out)
-    idx["schema_version"] = 3
+    idx["schema_version"] = 4
     (out / "index.json").write_text(json.dumps(idx))
-    with pytest.raises(DatasetError, match="schema_version 3 found, supported: 1, 2"):
+    with pytest.raises(DatasetError, match="schema_version 4 found, supported: 1, 2, 3"):
         PreferenceStore.open(out)
 
 

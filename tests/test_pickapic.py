@@ -13,6 +13,7 @@ from PIL import Image
 from prefdiff.data import DatasetError
 from prefdiff.data.atomic import sha256_file
 from prefdiff.data.pickapic import ImportConfig, import_pickapic, resized_size
+from prefdiff.data.image_shards import ShardImage
 from prefdiff.data.preferences import ImagePair, PreferenceStore
 from tests.pickapic_fixture import (
     BLUE, GREEN, RED, YELLOW, default_rows, encode, gradient, half_split, solid, write_synthetic_pickapic,
@@ -21,14 +22,15 @@ from tests.pickapic_fixture import (
 RES = 32
 
 
-def pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
+def pixels(image: ShardImage) -> np.ndarray:
+    """The stored image's pixels, read from its shard as training reads it."""
+    with Image.open(io.BytesIO(image.read_bytes())) as im:
         assert im.mode == "RGB"
         return np.asarray(im).copy()
 
 
-def colour_at(path: Path, x: int, y: int) -> tuple[int, ...]:
-    return tuple(int(c) for c in pixels(path)[y, x])
+def colour_at(image: ShardImage, x: int, y: int) -> tuple[int, ...]:
+    return tuple(int(c) for c in pixels(image)[y, x])
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -85,14 +87,20 @@ def test_round_trip_center_crop(parquet: Path, tmp_path: Path, monkeypatch: pyte
     store = PreferenceStore.open(out)
     assert store.source_kind == "images"
     idx = store.index
-    assert idx["schema_version"] == 2 and idx["trajectories"] is None
+    assert idx["schema_version"] == 3 and idx["trajectories"] is None
     assert idx["judge"] == {"name": "pickapic_import", "higher_is_better": True, "params": {
-        "resolution": RES, "crop": "center", "hflip": "none", "seed": 0, "max_pairs": None, "on_bad_row": "error"}}
+        "resolution": RES, "crop": "center", "hflip": "none", "seed": 0, "max_pairs": None, "on_bad_row": "error",
+        "shard_bytes": 128 * 2**20}}
     src = idx["source"]
     assert src["kind"] == "images" and src["importer"] == "pickapic"
     assert (src["resolution"], src["crop"], src["hflip"], src["seed"]) == (RES, "center", "none", 0)
     assert (src["rows_read"], src["pairs_written"], src["ties_dropped"], src["rows_rejected"]) == (5, 4, 1, 0)
     assert src["files"] == s.files and src["num_images"] == 8 and src["rejections"] == []
+    assert (src["images_kept"], src["images_encoded"]) == (0, 8)  # no source image is 32x32 already
+    (shard,) = idx["image_shards"]  # 8 small PNGs: one shard
+    assert shard["file"] == "images/shard-00000.safetensors" and (shard["first_image_id"], shard["num_images"]) == (0, 8)
+    assert shard["sha256"] == sha256_file(out / shard["file"])
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["shard-00000.safetensors"]
     assert (idx["num_pairs"], idx["num_ties"], idx["num_groups"]) == (4, 0, 4)
     assert idx["pairs_sha256"] == sha256_file(out / "pairs.jsonl")
 
@@ -101,15 +109,15 @@ def test_round_trip_center_crop(parquet: Path, tmp_path: Path, monkeypatch: pyte
     assert all((p.winner_score, p.loser_score, p.tie) == (1.0, 0.0, False) for p in store.pairs)
     assert store.summary().num_training_pairs == 4
     rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
-    assert rows[1]["winner_png"] == "images/000002.png" and rows[1]["loser_png"] == "images/000003.png"
-    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:06d}.png" for i in range(8)]
+    assert "winner_png" not in rows[1]
 
     pairs = store.image_pairs()
     assert len(pairs) == 4 and all(isinstance(p, ImagePair) for p in pairs)
-    for p in pairs:
-        for path in (p.winner_image, p.loser_image):
-            assert path.is_absolute() and path.is_file()
-            with Image.open(path) as im:
+    assert [(p.winner_image.position, p.loser_image.position) for p in pairs] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    for p, row in zip(pairs, rows):
+        for image, sha in ((p.winner_image, row["winner_sha256"]), (p.loser_image, row["loser_sha256"])):
+            assert image.shard == (out / shard["file"]).resolve() and image.sha256 == sha
+            with Image.open(io.BytesIO(image.read_bytes())) as im:
                 assert (im.format, im.size, im.mode) == ("PNG", (RES, RES), "RGB")
     # label 1: jpg_0 (red) wins; label 0: jpg_1 (yellow) wins over jpg_0 (green)
     assert colour_at(pairs[0].winner_image, 16, 16) == RED and colour_at(pairs[0].loser_image, 16, 16) == BLUE
@@ -359,14 +367,24 @@ def test_image_store_refuses_trajectory_training_and_detects_corruption(parquet:
     with pytest.raises(DatasetError, match=msg):
         store.check_trajectories(object())  # type: ignore[arg-type]
     assert len(store.image_pairs(trajectories=None)) == 4
-    # a modified PNG is named; verify=False only checks existence
-    victim = out / "images" / "000002.png"
-    Image.new("RGB", (RES, RES), (1, 2, 3)).save(victim)
-    with pytest.raises(DatasetError, match=r"images/000002\.png: sha256 mismatch .*re-import the dataset"):
+    # a corrupted shard is named: by its sha256 (verify), and by the image's own sha256 when it is read
+    shard = out / "images" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # a byte inside the last image
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"images/shard-00000\.safetensors: sha256 mismatch \(.*index\.json says "
+                                           r".*the shard is corrupt or was modified — re-import the dataset"):
         PreferenceStore.open(out).image_pairs()
-    assert len(PreferenceStore.open(out).image_pairs(verify=False)) == 4
-    victim.unlink()
-    with pytest.raises(DatasetError, match=r"images/000002\.png: missing"):
+    pairs = PreferenceStore.open(out).image_pairs(verify=False)  # structure only: the header is intact
+    assert colour_at(pairs[0].winner_image, 5, 5) == RED  # an intact image still reads
+    with pytest.raises(DatasetError, match=r"images/shard-00000\.safetensors: image 7 has sha256 .*pairs\.jsonl says "
+                                           r".*the shard is corrupt or was modified — re-import the dataset"):
+        pairs[3].loser_image.read_bytes()
+    shard.write_bytes(bytes(data[:100]))  # truncated: the header no longer parses
+    with pytest.raises(DatasetError, match=r"images/shard-00000\.safetensors: not a readable image shard"):
+        PreferenceStore.open(out).image_pairs(verify=False)
+    shard.unlink()
+    with pytest.raises(DatasetError, match=r"images/shard-00000\.safetensors: image shard missing \(listed in "):
         PreferenceStore.open(out).image_pairs(verify=False)
 
 
@@ -383,12 +401,49 @@ def test_image_store_rejects_bad_rows_in_pairs_file(parquet: Path, tmp_path: Pat
         idx["pairs_sha256"] = sha256_file(pairs_path)
         (out / "index.json").write_text(json.dumps(idx))
 
-    rewrite(lambda r: r.update(winner_png="../../etc/passwd"))
-    with pytest.raises(DatasetError, match=r"pairs\.jsonl:1: winner_png='\.\./\.\./etc/passwd' points outside"):
-        PreferenceStore.open(out)
-    rewrite(lambda r: r.update(winner_png="images/000000.png", loser_meta={"original_size": [0, 5]}))
+    rewrite(lambda r: r.update(loser_meta={"original_size": [0, 5]}))
     with pytest.raises(DatasetError, match=r"pairs\.jsonl:1: loser_meta="):
         PreferenceStore.open(out)
     rewrite(lambda r: r.update(loser_meta=None, winner_sha256="abc"))
     with pytest.raises(DatasetError, match=r"pairs\.jsonl:1: winner_sha256='abc'"):
+        PreferenceStore.open(out)
+    rewrite(lambda r: r.update(winner_sha256="0" * 64, winner=9))
+    with pytest.raises(DatasetError, match=r"pairs\.jsonl: image ids \[9\] not in 0\.\.7"):
+        PreferenceStore.open(out)
+
+
+def test_image_store_rejects_bad_shard_lists(parquet: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prefs"
+    run(parquet, out)
+    good = json.loads((out / "index.json").read_text())
+
+    def edit(change) -> None:
+        idx = json.loads(json.dumps(good))
+        change(idx)
+        (out / "index.json").write_text(json.dumps(idx))
+
+    edit(lambda i: i["image_shards"][0].update(file="../../etc/passwd"))
+    with pytest.raises(DatasetError, match=r"image_shards\[0\]: file='\.\./\.\./etc/passwd' points outside"):
+        PreferenceStore.open(out)
+    edit(lambda i: i["image_shards"][0].update(num_images=7))
+    with pytest.raises(DatasetError, match=r"image_shards hold 7 images; 4 pairs need 8"):
+        PreferenceStore.open(out)
+    edit(lambda i: i["image_shards"][0].update(first_image_id=1))
+    with pytest.raises(DatasetError, match=r"image_shards\[0\]: first_image_id 1, expected 0"):
+        PreferenceStore.open(out)
+    edit(lambda i: i.pop("image_shards"))
+    with pytest.raises(DatasetError, match=r"image_shards=None; an image-only dataset lists its shards"):
+        PreferenceStore.open(out)
+
+
+def test_schema_2_image_dataset_is_refused_with_a_clear_line(parquet: Path, tmp_path: Path) -> None:
+    """What prefdiff wrote before shards (one PNG per image, schema_version 2) is named and refused."""
+    out = tmp_path / "prefs"
+    run(parquet, out)
+    idx = json.loads((out / "index.json").read_text())
+    idx["schema_version"] = 2
+    del idx["image_shards"]
+    (out / "index.json").write_text(json.dumps(idx))
+    with pytest.raises(DatasetError, match=r"index\.json: an image-only dataset of schema_version 2 \(one PNG file per "
+                                           r"image\) is no longer read; .* re-import it \(label\.source: pickapic"):
         PreferenceStore.open(out)

@@ -21,17 +21,27 @@ datasets. Per image we keep SDXL micro-conditioning: ``original_size`` (h, w of 
 flipped image would have, as diffusers records it after its flip), plus ``hflip``.
 
 Output: an image-only preference dataset (:class:`prefdiff.data.preferences.ImagePairWriter`), written
-atomically: a failed import leaves an existing ``out_dir`` untouched.
+atomically: a failed import leaves an existing ``out_dir`` untouched. Its images sit many to a file in
+safetensors shards (:mod:`prefdiff.data.image_shards`). An image the transform would not change (an RGB
+JPEG or PNG already ``resolution`` square, not flipped) is stored as the source's bytes; any other is
+transformed and encoded once, as a PNG. Decoding and encoding run in a pool of worker processes
+(:func:`import_pickapic`'s ``workers``); the dataset's bytes do not depend on how many.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import multiprocessing
+import os
 import re
+import struct
 import time
 import warnings
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +58,14 @@ REQUIRED_COLUMNS = ("jpg_0", "jpg_1", "label_0", "caption")
 ALLOWED_LABELS = (0.0, 0.5, 1.0)
 JUDGE_NAME = "pickapic_import"
 _MAX_REJECTIONS_LISTED = 20
+# Formats kept byte for byte when no transform changes them: what PIL decodes everywhere the reader runs.
+_VERBATIM_FORMATS = ("JPEG", "PNG")
+# Transformed images are stored as PNG (lossless, as before), encoded by encode_png, not PIL: PIL tries all
+# five PNG row filters on every row and then runs deflate with LZ77 matching, ~160 ms CPU for a 512 px
+# photo at its default level and ~27 ms at level 1; one fixed filter and Huffman-only deflate take ~10 ms
+# and give files no larger than PIL's default (benchmarks/pickapic_import.py times the import as a whole).
+PNG_ENCODING = "avg filter, zlib Huffman-only"
+DEFAULT_SHARD_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,6 +78,7 @@ class ImportConfig:
     seed: int = 0
     max_pairs: int | None = None  # stop after this many decided pairs (None: all)
     on_bad_row: Literal["error", "skip"] = "error"  # skip: count and report rejected rows instead of failing
+    shard_bytes: int = DEFAULT_SHARD_BYTES  # a shard is closed once its images reach this many bytes
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
@@ -76,6 +95,8 @@ class ImportConfig:
             raise ValueError(f"max_pairs={self.max_pairs!r}: must be None or an int >= 1")
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row={self.on_bad_row!r}: allowed: 'error', 'skip'")
+        if isinstance(self.shard_bytes, bool) or not isinstance(self.shard_bytes, int) or self.shard_bytes < 1:
+            raise ValueError(f"shard_bytes={self.shard_bytes!r}: must be an int >= 1")
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,7 @@ class ImportSummary:
     pairs_written: int
     ties_dropped: int
     rows_rejected: int  # only non-zero with on_bad_row="skip"
+    images_kept: int = 0  # images stored as the source's bytes (the other 2 x pairs_written - images_kept: PNG)
     files: list[dict] = field(default_factory=list)  # [{"path", "sha256", "rows_read"}]
     index_path: Path | None = None
 
@@ -164,14 +186,6 @@ def _check_types(path: Path, schema: Any) -> None:
         raise bad("caption", "string")
 
 
-def _iter_rows(pf: Any, batch_rows: int) -> Iterator[tuple[Any, Any, Any, Any]]:
-    """(jpg_0, jpg_1, label_0, caption) per row, reading ``batch_rows`` rows at a time (bounded memory)."""
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=list(REQUIRED_COLUMNS)):
-        cols = {name: batch.column(name).to_pylist() for name in REQUIRED_COLUMNS}
-        yield from zip(cols["jpg_0"], cols["jpg_1"], cols["label_0"], cols["caption"])
-        del cols
-
-
 # -- transforms ----------------------------------------------------------------------------------------------
 def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """(w, h) after torchvision ``Resize(resolution)``: short side -> resolution, long side truncated."""
@@ -201,10 +215,7 @@ def transform_image(
     res = config.resolution
     nw, nh = resized_size(w, h, res)
     img = image.resize((nw, nh), Image.Resampling.BILINEAR)
-    if config.crop == "center":
-        top, left = center_crop_corner(nw, nh, res)
-    else:  # uniform over the valid corners, like RandomCrop.get_params
-        top, left = int(u_top * (nh - res + 1)), int(u_left * (nw - res + 1))
+    top, left = _crop_corner(nw, nh, config, u_top, u_left)
     img = img.crop((left, top, left + res, top + res))
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -212,25 +223,80 @@ def transform_image(
     return img, {"original_size": [h, w], "crop_top_left": [top, left], "hflip": bool(flip)}
 
 
-def _decode(data: Any, path: Path, row: int, column: str) -> Image.Image:
+def _crop_corner(nw: int, nh: int, config: ImportConfig, u_top: float, u_left: float) -> tuple[int, int]:
+    """(top, left) of the ``resolution`` square crop in a resized ``nw`` x ``nh`` image."""
+    res = config.resolution
+    if config.crop == "center":
+        return center_crop_corner(nw, nh, res)
+    return int(u_top * (nh - res + 1)), int(u_left * (nw - res + 1))  # uniform over corners, as RandomCrop
+
+
+def stored_image(
+    data: Any, config: ImportConfig, *, u_top: float, u_left: float, flip: bool, where: str
+) -> tuple[bytes, dict, bool]:
+    """One source image -> (the encoded bytes to store, its SDXL meta, whether they are the source's bytes).
+
+    An RGB JPEG or PNG already ``resolution`` x ``resolution`` that is not flipped is kept byte for byte:
+    resize and crop leave it unchanged, so decoding the kept bytes gives the pixels a transform would have
+    stored. It is still decoded here, so an undecodable image is a bad row as before; a JPEG at 1/8 scale
+    (``draft``: libjpeg still reads every byte of the stream and fails on a truncated or broken one, but
+    skips most of the inverse DCT). Any other image is decoded, transformed (:func:`transform_image`) and
+    stored as a PNG (lossless, :func:`encode_png`). ``where`` ("<file>: row <r> column <c>") starts
+    the bad-row message.
+    """
     if isinstance(data, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
         data = data.get("bytes")
     if data is None:
-        raise _BadRow(f"{path}: row {row} column {column!r}: image bytes are null")
+        raise _BadRow(f"{where}: image bytes are null")
+    res = config.resolution
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if (w, h) == (res, res) and not flip and im.mode == "RGB" and im.format in _VERBATIM_FORMATS:
+                    im.draft(None, (1, 1))
+                    im.load()
+                    top, left = _crop_corner(res, res, config, u_top, u_left)  # (0, 0): nothing to crop
+                    return bytes(data), {"original_size": [h, w], "crop_top_left": [top, left], "hflip": False}, True
                 im.load()
-                return im.convert("RGB")
+                image = im.convert("RGB")
     except Exception as e:  # UnidentifiedImageError, truncated data, decompression bomb...
         why = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(e))  # no memory addresses: stable index
-        raise _BadRow(
-            f"{path}: row {row} column {column!r}: cannot decode image ({len(data)} bytes; {type(e).__name__}: {why})"
-        ) from e
+        raise _BadRow(f"{where}: cannot decode image ({len(data)} bytes; {type(e).__name__}: {why})") from e
+    out, meta = transform_image(image, config, u_top=u_top, u_left=u_left, flip=flip)
+    return encode_png(out), meta, False
 
 
-def _label(value: Any, path: Path, row: int) -> float:
+def encode_png(image: Image.Image) -> bytes:
+    """A lossless 8-bit RGB PNG of ``image``: every row with the PNG "Average" filter, deflated Huffman-only.
+
+    Why not ``Image.save(format="PNG")``: see ``PNG_ENCODING``. On photos the Average filter leaves small
+    residuals whose statistics Huffman coding captures; LZ77 matching finds little in them, so skipping it
+    costs a few percent of size and saves most of the time. The bytes are a pure function of the pixels
+    (and of zlib's version, as with any PNG encoder).
+    """
+    rows = np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    h, w, _ = rows.shape
+    rows = rows.reshape(h, 3 * w)
+    left = np.zeros(rows.shape, dtype=np.uint16)
+    left[:, 3:] = rows[:, :-3]  # the same channel of the pixel to the left (0 before the first pixel)
+    up = np.zeros(rows.shape, dtype=np.uint16)
+    up[1:] = rows[:-1]  # the row above (0 above the first row)
+    filtered = np.empty((h, 3 * w + 1), dtype=np.uint8)
+    filtered[:, 0] = 3  # filter type 3, Average: Raw(x) - floor((Raw(x - 3) + Prior(x)) / 2) mod 256
+    filtered[:, 1:] = rows - ((left + up) >> 1).astype(np.uint8)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    idat = deflate.compress(filtered.tobytes()) + deflate.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8 bits, colour type 2 (RGB), deflate, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _label(value: Any, path: str, row: int) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not (
         isinstance(value, float) and math.isnan(value))
     if ok and float(value) in ALLOWED_LABELS:
@@ -239,11 +305,108 @@ def _label(value: Any, path: Path, row: int) -> float:
 
 
 # -- import ----------------------------------------------------------------------------------------------------
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _is_tie(label: Any) -> bool:
+    return isinstance(label, (int, float)) and not isinstance(label, bool) and label == 0.5
+
+
+def _raw(image: Any) -> Any:
+    """Encoded bytes of a cell (a Hugging Face ``Image`` struct's ``bytes``); None or odd values pass through."""
+    return image.get("bytes") if isinstance(image, dict) else image
+
+
+# One row as the pool sees it: (row, row in its file, jpg_0 bytes, jpg_1 bytes, label_0, caption); a tie's
+# images are None (never decoded, so never sent to a worker).
+_Row = tuple[int, int, Any, Any, Any, Any]
+
+
+def _jobs(parquet: list[tuple[Path, Any]], batch_rows: int) -> Iterator[tuple[str, Path, Any]]:
+    """In reading order: ("file", path, parquet file) when a file starts, then ("rows", path, [_Row])."""
+    row = 0
+    for path, pf in parquet:
+        yield "file", path, pf
+        local = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(REQUIRED_COLUMNS)):
+            cols = [batch.column(name).to_pylist() for name in REQUIRED_COLUMNS]
+            rows: list[_Row] = []
+            for b0, b1, label, caption in zip(*cols):
+                tie = _is_tie(label)
+                rows.append((row, local, None if tie else _raw(b0), None if tie else _raw(b1), label, caption))
+                row, local = row + 1, local + 1
+            del cols
+            yield "rows", path, rows
+
+
+def _process_rows(config: ImportConfig, path: str, rows: list[_Row]) -> list[tuple]:
+    """The work a pool worker does on one batch: a pure function of its arguments, so the results (and the
+    dataset) do not depend on how many workers share the batches. Per row: ("tie",) | ("bad", message) |
+    ("pair", caption, jpg_0 wins, bytes_0, meta_0, bytes_1, meta_1), where bytes None means "the source's
+    bytes, kept" (the caller has them: they are not sent back)."""
+    out: list[tuple] = []
+    for row, local, b0, b1, label, caption in rows:
+        try:
+            lab = _label(label, path, local)
+            if lab == 0.5:
+                out.append(("tie",))
+                continue
+            if caption is None:
+                raise _BadRow(f"{path}: row {local} column 'caption': caption is null")
+            u = _row_uniforms(config.seed, row)
+            flips = {"none": (False, False), "per_image": (u[4] < 0.5, u[5] < 0.5),
+                     "joint": (u[6] < 0.5, u[6] < 0.5)}[config.hflip]
+            d0, m0, kept0 = stored_image(b0, config, u_top=u[0], u_left=u[1], flip=bool(flips[0]),
+                                         where=f"{path}: row {local} column 'jpg_0'")
+            d1, m1, kept1 = stored_image(b1, config, u_top=u[2], u_left=u[3], flip=bool(flips[1]),
+                                         where=f"{path}: row {local} column 'jpg_1'")
+            out.append(("pair", str(caption), lab == 1.0, None if kept0 else d0, m0, None if kept1 else d1, m1))
+        except _BadRow as e:
+            out.append(("bad", str(e)))
+    return out
+
+
+def _processed(jobs: Iterator[tuple[str, Path, Any]], config: ImportConfig,
+               workers: int) -> Iterator[tuple[str, Path, Any, list[tuple] | None]]:
+    """The jobs in order, each "rows" job with its :func:`_process_rows` results.
+
+    ``workers`` > 1: a pool of that many processes (spawned: no state forked from a parent that may hold
+    threads) with at most ``2 * workers`` batches in flight, so memory stays bounded while every worker is
+    busy. Closing the generator early (``max_pairs`` reached, a bad row) cancels the batches not started.
+    """
+    if workers == 1:
+        for kind, path, payload in jobs:
+            yield kind, path, payload, _process_rows(config, str(path), payload) if kind == "rows" else None
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pending: deque = deque()
+    try:
+        for kind, path, payload in jobs:
+            future = ex.submit(_process_rows, config, str(path), payload) if kind == "rows" else None
+            pending.append((kind, path, payload, future))
+            while len(pending) > 2 * workers:
+                kind, path, payload, future = pending.popleft()
+                yield kind, path, payload, None if future is None else future.result()
+        while pending:
+            kind, path, payload, future = pending.popleft()
+            yield kind, path, payload, None if future is None else future.result()
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
 def import_pickapic(
     sources: Sequence[Path],
     out_dir: Path,
     config: ImportConfig,
     *,
+    workers: int | None = None,
     progress: Callable[[str], None] | None = print,
     progress_every: int = 1000,
     batch_rows: int = 64,
@@ -254,59 +417,66 @@ def import_pickapic(
     bad row (label not in {0, 0.5, 1} or null/NaN, null caption, undecodable image) raises DatasetError
     naming file, row, column and value; with "skip" it is counted (``rows_rejected``) and the first
     messages are kept in the index. Missing columns or unreadable files always raise. Nothing is written to
-    ``out_dir`` unless the whole import succeeds. ``batch_rows`` rows are held in memory at a time.
+    ``out_dir`` unless the whole import succeeds.
+
+    ``workers`` processes decode and encode (None: :func:`default_workers`; never more than there are
+    batches; 1: this process alone); the main process reads the parquet files, hands out batches of
+    ``batch_rows`` rows and writes the shards in row order, so the dataset is byte-identical for any
+    ``workers``. At most ``2 * workers + 1`` batches are held in memory.
     """
     if batch_rows < 1 or progress_every < 1:
         raise ValueError(f"batch_rows={batch_rows}, progress_every={progress_every}: must be >= 1")
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: must be None or an int >= 1")
     say = progress or (lambda _msg: None)
     files = find_parquet_files(sources)
     parquet = [(p, _open_parquet(p)) for p in files]  # schema errors before any work
     total = sum(pf.metadata.num_rows for _, pf in parquet)
+    workers = min(workers, max(1, math.ceil(total / batch_rows)))  # a worker per batch at most: no idle starts
     params = asdict(config)
     judge = {"name": JUDGE_NAME, "higher_is_better": True, "params": params}
-    source: dict[str, Any] = {"importer": "pickapic", "required_columns": list(REQUIRED_COLUMNS), **params}
+    source: dict[str, Any] = {"importer": "pickapic", "required_columns": list(REQUIRED_COLUMNS), **params,
+                              "verbatim_formats": list(_VERBATIM_FORMATS), "png_encoding": PNG_ENCODING}
 
-    rows_read = ties = rejected = 0
+    rows_read = ties = rejected = kept = 0
+    done = False
     rejections: list[str] = []
     file_info: list[dict] = []
+    info: dict[str, Any] = {}
     t0 = time.monotonic()
+    say(f"importing {len(files)} file(s), {total} rows, with {workers} worker process(es)")
     bar = progress_bar(desc="import pickapic", total=total, unit="row")
-    with bar, ImagePairWriter(out_dir, judge=judge, source=source) as writer:
-        done = False
-        for path, pf in parquet:
-            info = {"path": workspace_ref(path), "sha256": sha256_file(path), "rows_read": 0}
-            file_info.append(info)
-            say(f"reading {path} ({pf.metadata.num_rows} rows)")
-            for local_row, (b0, b1, label, caption) in enumerate(_iter_rows(pf, batch_rows)):
-                row = rows_read
+    stream = _processed(_jobs(parquet, batch_rows), config, workers)
+    with bar, closing(stream), ImagePairWriter(out_dir, judge=judge, source=source,
+                                               shard_bytes=config.shard_bytes) as writer:
+        for kind, path, payload, results in stream:
+            if kind == "file":
+                info = {"path": workspace_ref(path), "sha256": sha256_file(path), "rows_read": 0}
+                file_info.append(info)
+                say(f"reading {path} ({payload.metadata.num_rows} rows)")
+                continue
+            assert results is not None
+            for (_row, _local, b0, b1, _label_0, _caption), result in zip(payload, results):
                 rows_read += 1
                 info["rows_read"] += 1
-                try:
-                    lab = _label(label, path, local_row)
-                    if lab == 0.5:
-                        ties += 1
-                    else:
-                        if caption is None:
-                            raise _BadRow(f"{path}: row {local_row} column 'caption': caption is null")
-                        im0 = _decode(b0, path, local_row, "jpg_0")
-                        im1 = _decode(b1, path, local_row, "jpg_1")
-                        u = _row_uniforms(config.seed, row)
-                        flips = {"none": (False, False), "per_image": (u[4] < 0.5, u[5] < 0.5),
-                                 "joint": (u[6] < 0.5, u[6] < 0.5)}[config.hflip]
-                        t0_img, m0 = transform_image(im0, config, u_top=u[0], u_left=u[1], flip=bool(flips[0]))
-                        t1_img, m1 = transform_image(im1, config, u_top=u[2], u_left=u[3], flip=bool(flips[1]))
-                        if lab == 1.0:
-                            writer.add_pair(str(caption), t0_img, t1_img, winner_meta=m0, loser_meta=m1)
-                        else:
-                            writer.add_pair(str(caption), t1_img, t0_img, winner_meta=m1, loser_meta=m0)
-                except _BadRow as e:
+                if result[0] == "tie":
+                    ties += 1
+                elif result[0] == "bad":
                     if config.on_bad_row == "error":
-                        raise DatasetError(
-                            f"{e} — fix or drop the row, or import with on_bad_row='skip'; nothing was written"
-                        ) from e.__cause__
+                        raise DatasetError(f"{result[1]} — fix or drop the row, or import with on_bad_row='skip'; "
+                                           "nothing was written")
                     rejected += 1
                     if len(rejections) < _MAX_REJECTIONS_LISTED:
-                        rejections.append(str(e))
+                        rejections.append(result[1])
+                else:
+                    _, caption, first_wins, d0, m0, d1, m1 = result
+                    kept += (d0 is None) + (d1 is None)
+                    i0, i1 = (b0 if d0 is None else d0), (b1 if d1 is None else d1)
+                    if first_wins:
+                        writer.add_pair(caption, i0, i1, winner_meta=m0, loser_meta=m1)
+                    else:
+                        writer.add_pair(caption, i1, i0, winner_meta=m1, loser_meta=m0)
                 bar.set_postfix({"pairs": writer.num_pairs, "ties": ties, "rejected": rejected}, refresh=False)
                 bar.update(1)
                 if rows_read % progress_every == 0:
@@ -325,11 +495,15 @@ def import_pickapic(
                 f"{rejected} rejected; nothing was written to {out_dir}"
             )
         counts = {"files": file_info, "rows_read": rows_read, "pairs_written": pairs, "ties_dropped": ties,
-                  "rows_rejected": rejected, "rejections": rejections}  # the first 20 messages
+                  "rows_rejected": rejected, "rejections": rejections,  # the first 20 messages
+                  "images_kept": kept, "images_encoded": 2 * pairs - kept}
         index_path = writer.close(counts)
-    say(f"imported {pairs} pairs from {rows_read} rows ({ties} ties dropped, {rejected} rejected) into {out_dir}")
+    rate = rows_read / max(time.monotonic() - t0, 1e-9)
+    say(f"imported {pairs} pairs from {rows_read} rows ({ties} ties dropped, {rejected} rejected; {kept} of "
+        f"{2 * pairs} images kept as stored, the rest re-encoded as PNG) into {out_dir} ({rate:.0f} rows/s)")
     return ImportSummary(rows_read=rows_read, pairs_written=pairs, ties_dropped=ties, rows_rejected=rejected,
-                         files=file_info, index_path=index_path)
+                         images_kept=kept, files=file_info, index_path=index_path)
 
 
-__all__ = ["ImportConfig", "ImportSummary", "import_pickapic", "resized_size"]
+__all__ = ["ImportConfig", "ImportSummary", "default_workers", "encode_png", "import_pickapic", "resized_size",
+           "stored_image"]

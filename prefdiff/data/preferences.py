@@ -9,24 +9,28 @@ Directory with ``pairs.jsonl`` (one JSON object per line), ``index.json`` and, f
   relative to the *trajectory store*. D3PO and DDPO train on these (they need the latent chains), and
   Diffusion-DPO can train on their final PNGs (:meth:`PreferenceStore.image_pairs`).
 - ``source.kind == "images"`` (imported datasets, e.g. Pick-a-Pic via :mod:`prefdiff.data.pickapic`):
-  the images live in the dataset itself as ``images/{image_id:06d}.png``; ``index["trajectories"]`` is
-  null and ``index["source"]`` holds the importer's metadata (files read with sha256, transforms, counts).
-  Rows carry ``winner_png``/``loser_png`` relative to *this dataset*, their sha256
-  (``winner_sha256``/``loser_sha256``) and optional SDXL micro-conditioning ``winner_meta``/``loser_meta``
-  = ``{"original_size": [h, w], "crop_top_left": [top, left], "hflip": bool}``. Only image-level trainers
+  the images live in the dataset itself, many per file, in ``images/shard-%05d.safetensors``
+  (:mod:`prefdiff.data.image_shards`: encoded bytes, read by position); pair ``i`` has image ids ``2i``
+  (winner) and ``2i+1`` (loser). ``index["image_shards"]`` lists the shards in id order with their sha256,
+  ``index["trajectories"]`` is null and ``index["source"]`` holds the importer's metadata (files read
+  with sha256, transforms, counts). Rows carry each image's sha256 (``winner_sha256``/``loser_sha256``, of
+  its stored bytes) and optional SDXL micro-conditioning ``winner_meta``/``loser_meta`` =
+  ``{"original_size": [h, w], "crop_top_left": [top, left], "hflip": bool}``. Only image-level trainers
   (Diffusion-DPO, SFT, reward-weighted) can use them.
 
-Schema versions: 2 (written now) has ``index["source"]``; 1 (written before imported datasets existed) has
-no ``source`` key and is read as ``{"kind": "trajectories"}`` — version-1 datasets stay readable.
-Pairs chosen by simulated annotators (:mod:`prefdiff.labeling.annotators`) add two optional keys within
-version 2: each row's ``annotator`` (an index) and ``index["annotators"]`` (``{"annotators": [...], ...}``:
-who they are, in index order); datasets without them read as before, with ``annotator`` None.
+Schema versions: 3 (written now) stores an image-only dataset's images in shards; 2 stored them as one PNG
+file per image (``images/{id:06d}.png``, rows with ``winner_png``) and such a dataset is refused with a
+line saying to re-import it; trajectory-backed datasets of versions 2 and 3 are the same and both read.
+Version 1 (written before imported datasets existed) has no ``source`` key and is read as
+``{"kind": "trajectories"}``. Pairs chosen by simulated annotators (:mod:`prefdiff.labeling.annotators`)
+add two optional keys: each row's ``annotator`` (an index) and ``index["annotators"]``
+(``{"annotators": [...], ...}``: who they are, in index order); datasets without them read as before,
+with ``annotator`` None.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -45,14 +49,14 @@ from prefdiff.data.atomic import (
     sha256_bytes,
     sha256_file,
 )
+from prefdiff.data.image_shards import ImageShardWriter, ShardImage, check_shard
 
-if TYPE_CHECKING:  # keep torch (and PIL) out of this module's import cost
-    from PIL import Image
-
+if TYPE_CHECKING:  # keep torch out of this module's import cost
     from prefdiff.data.trajectories import TrajectoryStore
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = (1, 2, 3)
+IMAGE_SHARDS_SINCE = 3  # image-only datasets before this version kept one PNG file per image
 KIND = "prefdiff.preferences"
 INDEX_NAME = "index.json"
 PAIRS_NAME = "pairs.jsonl"
@@ -68,11 +72,6 @@ NO_TRAJECTORIES_MSG = (
     "imported image pairs have no trajectories; D3PO/DDPO need sampled trajectories, "
     "use train.method diffusion_dpo, sft or reward_weighted"
 )
-
-
-def image_png_name(image_id: int) -> str:
-    """Where an image-only dataset stores image ``image_id`` (relative to the dataset directory)."""
-    return f"{IMAGES_DIR}/{image_id:06d}.png"
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,10 @@ class ImagePair:
     """A decided pair as image-level trainers (Diffusion-DPO, SFT) consume it: winner first."""
 
     prompt: str
-    winner_image: Path  # absolute path to a PNG
-    loser_image: Path
+    # Where the encoded image is: an absolute PNG path (trajectory-backed) or a ShardImage (imported); both
+    # give the encoded bytes through read_bytes().
+    winner_image: Path | ShardImage
+    loser_image: Path | ShardImage
     winner_score: float
     loser_score: float
     winner_meta: dict | None  # {"original_size": (h, w), "crop_top_left": (top, left)} or None
@@ -109,10 +110,8 @@ class ImagePair:
 
 @dataclass(frozen=True)
 class _ImageRow:
-    """Per-row extras of an image-only dataset (paths relative to the dataset dir)."""
+    """Per-row extras of an image-only dataset: each image's sha256 (of its stored bytes) and meta."""
 
-    winner_png: str
-    loser_png: str
     winner_sha256: str
     loser_sha256: str
     winner_meta: dict | None
@@ -270,21 +269,24 @@ def _meta_json(meta: dict | None, what: str) -> dict | None:
 class ImagePairWriter:
     """Streaming writer of an image-only preference dataset (imported pairs; no trajectories).
 
-    Pair ``i`` gets group_id ``i`` and image ids ``2i`` (winner) / ``2i+1`` (loser), stored as lossless PNGs
-    ``images/{id:06d}.png``. Everything goes to ``<out_dir>.tmp-<pid>``; :meth:`close` writes pairs.jsonl,
-    then index.json last, then swaps the directory in. Used as a context manager, an exception deletes the
-    temp dir and leaves an existing ``out_dir`` untouched; a clean exit closes.
+    Pair ``i`` gets group_id ``i`` and image ids ``2i`` (winner) / ``2i+1`` (loser); the images are the
+    encoded bytes given (a JPEG kept as the source had it, or a PNG of a transformed image), appended to
+    ``images/shard-%05d.safetensors`` shards of about ``shard_bytes`` bytes (:mod:`prefdiff.data.image_shards`).
+    Everything goes to ``<out_dir>.tmp-<pid>``; :meth:`close` writes the last shard, pairs.jsonl, then
+    index.json last, then swaps the directory in. Used as a context manager, an exception deletes the temp
+    dir and leaves an existing ``out_dir`` untouched; a clean exit closes.
 
     ``source`` is the importer metadata recorded as ``index["source"]`` (``kind`` is forced to "images");
     :meth:`close` can add final counts to it.
     """
 
-    def __init__(self, out_dir: Path, *, judge: dict, source: dict | None = None) -> None:
+    def __init__(self, out_dir: Path, *, judge: dict, source: dict | None = None, shard_bytes: int) -> None:
         self.judge = _check_judge(judge)
         self.out_dir = Path(out_dir)
         self.source: dict[str, Any] = {"kind": "images", **{k: v for k, v in (source or {}).items() if k != "kind"}}
         self._tmp = prepare_tmp_dir(self.out_dir)
         (self._tmp / IMAGES_DIR).mkdir()
+        self._shards = ImageShardWriter(self._tmp / IMAGES_DIR, rel_dir=IMAGES_DIR, shard_bytes=shard_bytes)
         self._pairs = _PairsFile(self._tmp / PAIRS_NAME)
         self._state = "open"  # open | closed | aborted
 
@@ -301,37 +303,26 @@ class ImagePairWriter:
         elif self._state == "open":
             self.close()
 
-    def _write_png(self, image_id: int, image: Image.Image) -> tuple[str, str]:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        data = buf.getvalue()
-        name = image_png_name(image_id)
-        # Plain write (no per-file fsync: the temp dir is published only by close(); a file lost to a crash
-        # after that is caught by the sha256 recorded in its row, which image_pairs() checks).
-        with open(self._tmp / name, "wb") as f:
-            f.write(data)
-        return name, sha256_bytes(data)
-
     def add_pair(
         self,
         prompt: str,
-        winner: Image.Image,
-        loser: Image.Image,
+        winner: bytes,
+        loser: bytes,
         *,
         winner_meta: dict | None = None,
         loser_meta: dict | None = None,
         winner_score: float = 1.0,
         loser_score: float = 0.0,
     ) -> PreferencePair:
-        """Store one decided pair (winner first); returns the row's :class:`PreferencePair`."""
+        """Store one decided pair (winner first, each an encoded image); returns the row's :class:`PreferencePair`."""
         if self._state != "open":
             raise RuntimeError(f"ImagePairWriter for {self.out_dir} is {self._state}")
         i = self._pairs.num_pairs
         pair = PreferencePair(group_id=i, prompt=str(prompt), winner=2 * i, loser=2 * i + 1,
                               winner_score=float(winner_score), loser_score=float(loser_score), tie=False)
-        w_png, w_sha = self._write_png(pair.winner, winner)
-        l_png, l_sha = self._write_png(pair.loser, loser)
-        extra: dict[str, Any] = {"winner_png": w_png, "loser_png": l_png, "winner_sha256": w_sha, "loser_sha256": l_sha}
+        ids = (self._shards.add(winner), self._shards.add(loser))
+        assert ids == (pair.winner, pair.loser), ids
+        extra: dict[str, Any] = {"winner_sha256": sha256_bytes(winner), "loser_sha256": sha256_bytes(loser)}
         if winner_meta is not None or loser_meta is not None:
             extra["winner_meta"] = _meta_json(winner_meta, f"pair {i} winner_meta")
             extra["loser_meta"] = _meta_json(loser_meta, f"pair {i} loser_meta")
@@ -339,14 +330,17 @@ class ImagePairWriter:
         return pair
 
     def close(self, source_updates: dict | None = None) -> Path:
-        """Write pairs.jsonl and index.json, swap the directory in; returns the index path."""
+        """Write the last shard, pairs.jsonl and index.json, swap the directory in; returns the index path."""
         if self._state != "open":
             raise RuntimeError(f"ImagePairWriter for {self.out_dir} is {self._state}")
         try:
             self.source.update({k: v for k, v in (source_updates or {}).items() if k != "kind"})
+            shards = self._shards.close()
             counts = self._pairs.finish()
             self.source["num_images"] = 2 * counts["num_pairs"]
-            atomic_write_json(self._tmp / INDEX_NAME, _index(self.judge, counts, source=self.source, trajectories=None))
+            index = _index(self.judge, counts, source=self.source, trajectories=None)
+            index["image_shards"] = shards
+            atomic_write_json(self._tmp / INDEX_NAME, index)
             commit_dir(self._tmp, self.out_dir)
         except BaseException:
             self.abort()
@@ -407,38 +401,69 @@ def _parse_meta(where: str, key: str, v: Any) -> dict | None:
     return {"original_size": tuple(v["original_size"]), "crop_top_left": tuple(v["crop_top_left"])}
 
 
-def _parse_image_row(root: Path, where: str, obj: dict) -> _ImageRow:
+def _parse_image_row(where: str, obj: dict) -> _ImageRow:
     hint = "the dataset is corrupt, re-import it"
     vals: dict[str, Any] = {}
     for side in ("winner", "loser"):
-        png, sha = obj.get(f"{side}_png"), obj.get(f"{side}_sha256")
-        if not isinstance(png, str) or not png:
-            raise DatasetError(f"{where}: {side}_png={png!r}; an imported pair needs a relative PNG path — {hint}")
-        pp = PurePosixPath(png)
-        if pp.is_absolute() or ".." in pp.parts or "\\" in png:
-            raise DatasetError(f"{where}: {side}_png={png!r} points outside {root} — {hint}")
+        sha = obj.get(f"{side}_sha256")
         if not isinstance(sha, str) or not _SHA_RE.match(sha):
             raise DatasetError(f"{where}: {side}_sha256={sha!r}; expected 64 lowercase hex digits — {hint}")
-        vals[f"{side}_png"], vals[f"{side}_sha256"] = png, sha
+        vals[f"{side}_sha256"] = sha
         vals[f"{side}_meta"] = _parse_meta(where, f"{side}_meta", obj.get(f"{side}_meta"))
     return _ImageRow(**vals)
+
+
+def _parse_image_shards(root: Path, index_path: Path, index: dict) -> list[dict[str, Any]]:
+    """``index["image_shards"]``: files inside ``root``, sha256s, and image ids that follow on from shard to
+    shard and cover the ``2 * num_pairs`` images exactly."""
+    hint = "the dataset is corrupt, re-import it"
+    shards = index.get("image_shards")
+    if not isinstance(shards, list) or not shards:
+        raise DatasetError(f"{index_path}: image_shards={shards!r}; an image-only dataset lists its shards — {hint}")
+    expected_first = 0
+    for k, entry in enumerate(shards):
+        where = f"{index_path}: image_shards[{k}]"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where} is {type(entry).__name__}, expected an object — {hint}")
+        file = entry.get("file")
+        if not isinstance(file, str) or not file:
+            raise DatasetError(f"{where}: file={file!r}; expected a path relative to {root} — {hint}")
+        pp = PurePosixPath(file)
+        if pp.is_absolute() or ".." in pp.parts or "\\" in file:
+            raise DatasetError(f"{where}: file={file!r} points outside {root} — {hint}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA_RE.match(entry["sha256"]):
+            raise DatasetError(f"{where}: sha256={entry.get('sha256')!r}; expected 64 lowercase hex digits — {hint}")
+        for key in ("first_image_id", "num_images"):
+            v = entry.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "num_images" else 0):
+                raise DatasetError(f"{where}: {key}={v!r}; expected a count — {hint}")
+        if entry["first_image_id"] != expected_first:
+            raise DatasetError(f"{where}: first_image_id {entry['first_image_id']}, expected {expected_first} "
+                               f"(shards follow on in image order) — {hint}")
+        expected_first += entry["num_images"]
+    if expected_first != 2 * index["num_pairs"]:
+        raise DatasetError(f"{index_path}: image_shards hold {expected_first} images; {index['num_pairs']} pairs "
+                           f"need {2 * index['num_pairs']} — {hint}")
+    return shards
 
 
 class PreferenceStore:
     """Read side; :meth:`open` verifies schema, pairs.jsonl sha256 and every line.
 
-    Image files are checked (existence, and sha256 with ``verify=True``) by :meth:`image_pairs`, the call
-    that hands them to a trainer — not by :meth:`open`, which the label stage also uses only for counts.
+    Image files and shards are checked (existence, and sha256 with ``verify=True``) by :meth:`image_pairs`,
+    the call that hands them to a trainer — not by :meth:`open`, which the label stage also uses only for
+    counts.
     """
 
     def __init__(
         self, root: Path, index: dict[str, Any], pairs: list[PreferencePair],
-        image_rows: list[_ImageRow] | None = None,
+        image_rows: list[_ImageRow] | None = None, image_shards: list[dict[str, Any]] | None = None,
     ) -> None:
         self.root = Path(root)
         self.index = index
         self.pairs = pairs
         self._image_rows = image_rows
+        self._image_shards = image_shards
 
     @classmethod
     def open(cls, root: Path) -> PreferenceStore:
@@ -490,6 +515,13 @@ class PreferenceStore:
                                f"{{\"path\", \"index_sha256\"}} — {_HINT}")
         if kind == "images" and traj is not None:
             raise DatasetError(f"{index_path}: source.kind 'images' but trajectories={traj!r}; expected null")
+        if kind == "images" and version < IMAGE_SHARDS_SINCE:
+            raise DatasetError(
+                f"{index_path}: an image-only dataset of schema_version {version} (one PNG file per image) is no "
+                f"longer read; image-only datasets keep their images in shards since schema_version "
+                f"{IMAGE_SHARDS_SINCE} — re-import it (label.source: pickapic, `dvc repro label`)"
+            )
+        image_shards = _parse_image_shards(root, index_path, index) if kind == "images" else None
         if not pairs_path.is_file():
             raise DatasetError(f"{pairs_path}: missing (listed by {index_path}) — {_HINT}")
         data = pairs_path.read_bytes()
@@ -509,7 +541,7 @@ class PreferenceStore:
             pair, obj = _parse_line(pairs_path, i, line)
             pairs.append(pair)
             if image_rows is not None:
-                image_rows.append(_parse_image_row(root, f"{pairs_path}:{i}", obj))
+                image_rows.append(_parse_image_row(f"{pairs_path}:{i}", obj))
         listed = len(index["annotators"].get("annotators", [])) if isinstance(index.get("annotators"), dict) else 0
         unlisted = sorted({p.annotator for p in pairs if p.annotator is not None and p.annotator >= listed})
         if unlisted:
@@ -520,7 +552,13 @@ class PreferenceStore:
                 f"{pairs_path}: {len(pairs)} pairs / {sum(p.tie for p in pairs)} ties; index says "
                 f"{index['num_pairs']} / {index['num_ties']} — {_HINT}"
             )
-        return cls(root, index, pairs, image_rows)
+        if image_shards is not None:
+            total = 2 * index["num_pairs"]
+            bad = [i for p in pairs for i in (p.winner, p.loser) if not 0 <= i < total]
+            if bad:
+                raise DatasetError(f"{pairs_path}: image ids {bad[:5]} not in 0..{total - 1} (the shards' images) "
+                                   f"— the dataset is corrupt, re-import it")
+        return cls(root, index, pairs, image_rows, image_shards)
 
     @property
     def source_kind(self) -> str:
@@ -560,15 +598,43 @@ class PreferenceStore:
         if bad:
             raise DatasetError(f"{self.root / PAIRS_NAME}: image ids {bad[:5]} not in 0..{store.num_images - 1}")
 
-    def image_pairs(self, trajectories: TrajectoryStore | None = None, *, verify: bool = True) -> list[ImagePair]:
-        """Decided pairs (ties excluded), winner first, as absolute PNG paths for image-level trainers.
+    def _shard_image_pairs(self, decided: list[int], *, verify: bool) -> list[ImagePair]:
+        import bisect
 
-        Image-only datasets: the PNGs inside this dataset (``trajectories`` is ignored). Trajectory-backed:
-        the final PNGs of ``trajectories`` (required; checked with :meth:`check_trajectories`), meta None.
-        Every image must exist; with ``verify`` (default) each distinct file is also hashed against the
-        sha256 recorded for it (row or trajectory index). DatasetError names the file.
+        assert self._image_rows is not None and self._image_shards is not None
+        root = self.root.resolve()
+        listed = self.root / INDEX_NAME
+        paths = [root / s["file"] for s in self._image_shards]
+        for path, entry in zip(paths, self._image_shards):
+            check_shard(path, entry, listed_in=listed, verify=verify)
+        firsts = [s["first_image_id"] for s in self._image_shards]
+
+        def ref(image_id: int, sha: str) -> ShardImage:
+            k = bisect.bisect_right(firsts, image_id) - 1
+            return ShardImage(shard=paths[k], position=image_id - firsts[k], sha256=sha)
+
+        out = []
+        for k in decided:
+            p, r = self.pairs[k], self._image_rows[k]
+            out.append(ImagePair(prompt=p.prompt, winner_image=ref(p.winner, r.winner_sha256),
+                                 loser_image=ref(p.loser, r.loser_sha256), winner_score=p.winner_score,
+                                 loser_score=p.loser_score, winner_meta=r.winner_meta, loser_meta=r.loser_meta))
+        return out
+
+    def image_pairs(self, trajectories: TrajectoryStore | None = None, *, verify: bool = True) -> list[ImagePair]:
+        """Decided pairs (ties excluded), winner first, as image references for image-level trainers.
+
+        Image-only datasets: :class:`~prefdiff.data.image_shards.ShardImage` references into this dataset's
+        shards (``trajectories`` is ignored); every shard must exist and hold the images the index says, and
+        with ``verify`` (default) each shard is hashed against its sha256 in index.json. Each image read later
+        is checked against its own sha256 (pairs.jsonl) whatever ``verify`` is. Trajectory-backed: the final
+        PNGs of ``trajectories`` (required; checked with :meth:`check_trajectories`) as absolute paths, meta
+        None; every PNG must exist and with ``verify`` is hashed against the trajectory index.
+        DatasetError names the file.
         """
         decided = [k for k, p in enumerate(self.pairs) if not p.tie]
+        if self.source_kind == "images":
+            return self._shard_image_pairs(decided, verify=verify)
         out: list[ImagePair] = []
         seen: set[Path] = set()
 
@@ -587,21 +653,6 @@ class PreferenceStore:
             seen.add(path)
             return path
 
-        if self.source_kind == "images":
-            assert self._image_rows is not None
-            root = self.root.resolve()
-            listed = self.root / PAIRS_NAME
-            hint = "re-import the dataset"
-            for k in decided:
-                p, r = self.pairs[k], self._image_rows[k]
-                out.append(ImagePair(
-                    prompt=p.prompt,
-                    winner_image=check(root / r.winner_png, r.winner_sha256, listed, hint),
-                    loser_image=check(root / r.loser_png, r.loser_sha256, listed, hint),
-                    winner_score=p.winner_score, loser_score=p.loser_score,
-                    winner_meta=r.winner_meta, loser_meta=r.loser_meta,
-                ))
-            return out
         if trajectories is None:
             ref = self.index["trajectories"].get("path", "the trajectory store")
             raise DatasetError(
@@ -622,6 +673,6 @@ class PreferenceStore:
 
 
 __all__ = [
-    "ImagePair", "ImagePairWriter", "LabelSummary", "PreferencePair", "PreferenceStore", "summarize",
+    "ImagePair", "ImagePairWriter", "LabelSummary", "PreferencePair", "PreferenceStore", "ShardImage", "summarize",
     "write_preferences", "workspace_ref", "SCHEMA_VERSION", "KIND",
 ]

@@ -10,6 +10,7 @@ micro-batch's generator, so a resumed run repeats exactly what an uninterrupted 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -19,19 +20,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prefdiff.data.preferences import ImagePair
+from prefdiff.data.preferences import ImagePair, ShardImage
 from prefdiff.models.kinds import is_sdxl
 from prefdiff.sampling.guidance import default_time_ids, noise_pred
 from prefdiff.training.fit import FitContext, Method, PromptTable, Unit
 from prefdiff.training.losses import per_sample_mse
 
 
-def load_pixels(paths: Sequence[Path]) -> torch.Tensor:
-    """PNG files -> [N, 3, H, W] fp32 in [-1, 1] (ToTensor + Normalize([0.5], [0.5]) of the official code)."""
+def load_pixels(images: Sequence[Path | ShardImage]) -> torch.Tensor:
+    """Encoded images (PNG paths, or imported images in their shards) -> [N, 3, H, W] fp32 in [-1, 1]
+    (ToTensor + Normalize([0.5], [0.5]) of the official code). A shard image is checked against its sha256."""
     arrays = []
-    for path in paths:
-        with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB"), dtype=np.float32))
+    for image in images:
+        with Image.open(io.BytesIO(image.read_bytes())) as decoded:
+            arrays.append(np.asarray(decoded.convert("RGB"), dtype=np.float32))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"images in one batch have different sizes {sorted(shapes)}; import at one resolution")

@@ -1,0 +1,196 @@
+"""Time the Pick-a-Pic import: the one-file-per-image path it replaced vs the sharded, parallel importer.
+
+Builds a synthetic Pick-a-Pic-style parquet file (``jpg_0``, ``jpg_1``, ``label_0``, ``caption``) of real
+JPEG-encoded photo-like images (smooth random colour fields with blobs, edges and sensor-like noise; 64
+distinct images per size, cycled over the rows; one row in ten a tie), then imports it, repeatedly, with
+
+- baseline ("old"): what ``prefdiff.data.pickapic`` did before shards, in one process, written out here
+  so the comparison survives the old code: per decided row decode both images (``convert("RGB")``), apply
+  the same transform (``transform_image``: resize, crop, flip), encode each as a PNG at PIL's default
+  level, write it as its own file ``images/{id:06d}.png``, hash it, and append the row to pairs.jsonl;
+- new: ``import_pickapic`` with ``--workers`` processes (images kept as stored when already at the target
+  size and not flipped, else one lossless PNG encode, ``encode_png``; safetensors shards).
+
+Cases (``--cases``): ``at_target`` (sources already resolution x resolution, no flip: the new path keeps
+every JPEG), ``at_target_flip`` (same, ``hflip: per_image``: about half re-encoded), ``larger`` (sources
+1.5x the resolution, non-square: every image resized and re-encoded). For each it prints the config, the
+median and min seconds over ``--repeats``, rows/s of each, and the ratio of medians. The machine's load
+average is printed before and after: on a shared machine the numbers move with it.
+
+Usage: python -m benchmarks.pickapic_import [--rows 200] [--size 512] [--workers N] [--repeats 3]
+       [--cases at_target,at_target_flip,larger] [--batch-rows 64] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+CASES = {  # name: (source size as a multiple of the resolution (w, h), hflip)
+    "at_target": ((1.0, 1.0), "none"),
+    "at_target_flip": ((1.0, 1.0), "per_image"),
+    "larger": ((1.5, 1.25), "none"),
+}
+DISTINCT_IMAGES = 64
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    """A photo-like RGB image: low-frequency colour field, a few soft blobs and hard edges, fine noise."""
+    r = np.random.default_rng(seed)
+    small = r.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    y, x = np.mgrid[0:height, 0:width]
+    for _ in range(5):  # blobs with sharp borders: edges a JPEG and a PNG must spend bits on
+        cx, cy, rad = r.uniform(0, width), r.uniform(0, height), r.uniform(0.05, 0.25) * min(width, height)
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < rad**2
+        base[mask] = 0.5 * base[mask] + 0.5 * r.uniform(0, 255, 3)
+    texture = Image.fromarray(r.normal(128, 40, (height, width, 3)).clip(0, 255).astype(np.uint8))
+    texture = np.asarray(texture.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float32) - 128
+    noisy = base + 0.6 * texture + r.normal(0, 3, (height, width, 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_parquet(path: Path, rows: int, width: int, height: int) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [jpeg(photo(width, height, seed)) for seed in range(DISTINCT_IMAGES)]
+    labels = [0.5 if i % 10 == 9 else float(i % 2) for i in range(rows)]
+    table = pa.table({
+        "jpg_0": pa.array([images[(2 * i) % DISTINCT_IMAGES] for i in range(rows)], type=pa.binary()),
+        "jpg_1": pa.array([images[(2 * i + 1) % DISTINCT_IMAGES] for i in range(rows)], type=pa.binary()),
+        "label_0": pa.array(labels, type=pa.float64()),
+        "caption": [f"a photo {i}" for i in range(rows)],
+    })
+    pq.write_table(table, str(path), row_group_size=1000)
+    return {"jpeg_bytes_mean": int(np.mean([len(b) for b in images])), "ties": labels.count(0.5)}
+
+
+def old_import(parquet: Path, out: Path, config) -> int:
+    """The pre-shard importer's work, one process: decode, transform, PNG (default level), a file per image."""
+    import pyarrow.parquet as pq
+
+    from prefdiff.data.pickapic import REQUIRED_COLUMNS, _row_uniforms, transform_image
+
+    (out / "images").mkdir(parents=True)
+    pairs = 0
+    row = 0
+    with open(out / "pairs.jsonl", "wb") as rows_file:
+        for batch in pq.ParquetFile(str(parquet)).iter_batches(batch_size=64, columns=list(REQUIRED_COLUMNS)):
+            cols = {name: batch.column(name).to_pylist() for name in REQUIRED_COLUMNS}
+            for b0, b1, label, caption in zip(cols["jpg_0"], cols["jpg_1"], cols["label_0"], cols["caption"]):
+                u = _row_uniforms(config.seed, row)
+                row += 1
+                if label == 0.5:
+                    continue
+                flips = {"none": (False, False), "per_image": (u[4] < 0.5, u[5] < 0.5)}[config.hflip]
+                images = []
+                for k, (data, flip) in enumerate(((b0, flips[0]), (b1, flips[1]))):
+                    with Image.open(io.BytesIO(data)) as im:
+                        im.load()
+                        image = im.convert("RGB")
+                    images.append(transform_image(image, config, u_top=u[2 * k], u_left=u[2 * k + 1], flip=bool(flip)))
+                if label == 0.0:  # winner first
+                    images.reverse()
+                record = {"prompt": caption}
+                for side, (img, meta) in zip(("winner", "loser"), images):
+                    buf = io.BytesIO()
+                    img.save(buf, format="PNG")
+                    png = buf.getvalue()
+                    name = f"images/{2 * pairs + (side == 'loser'):06d}.png"
+                    with open(out / name, "wb") as f:
+                        f.write(png)
+                    record |= {f"{side}_png": name, f"{side}_sha256": hashlib.sha256(png).hexdigest(),
+                               f"{side}_meta": meta}
+                rows_file.write((json.dumps(record) + "\n").encode())
+                pairs += 1
+    return pairs
+
+
+def new_import(parquet: Path, out: Path, config, workers: int, batch_rows: int) -> int:
+    from prefdiff.data.pickapic import import_pickapic
+
+    return import_pickapic([parquet], out, config, workers=workers, progress=None, batch_rows=batch_rows).pairs_written
+
+
+def timed(fn, out: Path) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    fn(out)
+    return time.perf_counter() - t0
+
+
+def dir_stats(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefdiff.data.pickapic import ImportConfig, default_workers
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--size", type=int, default=512, help="import resolution (px)")
+    ap.add_argument("--workers", type=int, default=default_workers())
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--batch-rows", type=int, default=64)
+    ap.add_argument("--keep", type=Path, default=None, help="build the data here and keep it (default: a temp dir)")
+    args = ap.parse_args(argv)
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="pickapic_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"config: rows={args.rows} resolution={args.size} workers={args.workers} repeats={args.repeats} "
+          f"batch_rows={args.batch_rows} cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
+          f"load_avg_before={os.getloadavg()}")
+    try:
+        for case in args.cases.split(","):
+            (fw, fh), hflip = CASES[case]
+            w, h = int(args.size * fw), int(args.size * fh)
+            parquet = work / f"{case}.parquet"
+            info = write_parquet(parquet, args.rows, w, h)
+            config = ImportConfig(resolution=args.size, hflip=hflip)
+            old_t, new_t = [], []
+            for _ in range(args.repeats):  # interleaved, so a load change hits both paths alike
+                old_t.append(timed(lambda out: old_import(parquet, out, config), work / f"{case}_old"))
+                new_t.append(timed(lambda out: new_import(parquet, out, config, args.workers, args.batch_rows),
+                                   work / f"{case}_new"))
+            old_files, old_bytes = dir_stats(work / f"{case}_old")
+            new_files, new_bytes = dir_stats(work / f"{case}_new")
+            kept = json.loads((work / f"{case}_new" / "index.json").read_text())["source"]["images_kept"]
+            o, n = statistics.median(old_t), statistics.median(new_t)
+            print(f"\ncase {case}: {args.rows} rows ({info['ties']} ties) of {w}x{h} JPEG (mean "
+                  f"{info['jpeg_bytes_mean']} bytes) -> {args.size}px, hflip {hflip}")
+            print(f"  old (1 process, PNG per file):  median {o:7.2f} s  min {min(old_t):7.2f} s  "
+                  f"{args.rows / o:8.1f} rows/s  ({old_files} files, {old_bytes / 2**20:.1f} MiB)  runs {[round(t, 2) for t in old_t]}")
+            print(f"  new ({args.workers} workers, shards):     median {n:7.2f} s  min {min(new_t):7.2f} s  "
+                  f"{args.rows / n:8.1f} rows/s  ({new_files} files, {new_bytes / 2**20:.1f} MiB, {kept} images "
+                  f"kept as stored)  runs {[round(t, 2) for t in new_t]}")
+            print(f"  ratio (old median / new median): {o / n:.1f}x")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nload_avg_after={os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

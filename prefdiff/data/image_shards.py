@@ -1,0 +1,189 @@
+"""Image shards: many encoded images (the JPEG/PNG bytes as stored) in one safetensors file, read by position.
+
+One shard, ``shard-%05d.safetensors``, holds two tensors and one metadata key::
+
+    bytes    uint8 [total]   the encoded images back to back
+    offsets  int64 [n + 1]   image k is bytes[offsets[k]:offsets[k + 1]]; offsets[0] == 0
+    metadata {"prefdiff_image_shard": "1"}   (the shard layout's version)
+
+Why safetensors rather than a tar or a parquet file of bytes: it is already the project's container (the
+trajectory shards; never pickle); reading image k is one slice of a memory map after a two-entry header
+(a tar needs its own offset index or a scan, parquet decodes a whole page or row group); and its bytes
+are a pure function of the tensors (tensor order is fixed by the library), so a shard's sha256, recorded
+in the dataset's index, addresses its content. Only ONE metadata key is written: safetensors 0.8 writes
+several in a random order (a hash map), which would make the bytes differ from run to run.
+
+Writers flush a shard as soon as its images reach ``shard_bytes`` bytes (the image that crosses the
+threshold stays in it), so shard boundaries depend only on the sequence of images. Readers check each
+image they read against its sha256 (recorded per image by the dataset), so a corrupt shard is named even
+when the whole-file hashes were not checked.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prefdiff.data import DatasetError
+from prefdiff.data.atomic import atomic_write_bytes, sha256_bytes
+
+SHARD_LAYOUT = "1"
+_META_KEY = "prefdiff_image_shard"
+_OPEN_SHARDS = 16  # shard readers kept open per process (a training batch touches a few shards)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+class ImageShardWriter:
+    """Appends encoded images to shards in ``directory``; :meth:`close` returns the shard list for an index.
+
+    Images get ids 0, 1, 2... in the order added. Each shard entry is ``{"file": <rel_dir>/<name>, "sha256",
+    "first_image_id", "num_images", "num_bytes"}`` (``num_bytes``: the encoded images, header excluded).
+    Memory: the current shard's images, plus one copy while it is written.
+    """
+
+    def __init__(self, directory: Path, *, rel_dir: str, shard_bytes: int) -> None:
+        if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
+            raise ValueError(f"shard_bytes={shard_bytes!r}: must be an int >= 1")
+        self.directory, self.rel_dir, self.shard_bytes = Path(directory), rel_dir, shard_bytes
+        self.shards: list[dict[str, Any]] = []
+        self.num_images = 0
+        self._buf = bytearray()
+        self._offsets = [0]
+
+    def add(self, data: bytes) -> int:
+        """Append one encoded image; returns its id."""
+        self._buf += data
+        self._offsets.append(len(self._buf))
+        self.num_images += 1
+        if len(self._buf) >= self.shard_bytes:
+            self._flush()
+        return self.num_images - 1
+
+    def _flush(self) -> None:
+        from safetensors.numpy import save
+
+        n = len(self._offsets) - 1
+        if n == 0:
+            return
+        tensors = {"bytes": np.frombuffer(self._buf, dtype=np.uint8),
+                   "offsets": np.asarray(self._offsets, dtype=np.int64)}
+        data = save(tensors, metadata={_META_KEY: SHARD_LAYOUT})
+        name = shard_name(len(self.shards))
+        atomic_write_bytes(self.directory / name, data)
+        self.shards.append({"file": f"{self.rel_dir}/{name}", "sha256": sha256_bytes(data),
+                            "first_image_id": self.num_images - n, "num_images": n, "num_bytes": len(self._buf)})
+        self._buf, self._offsets = bytearray(), [0]
+
+    def close(self) -> list[dict[str, Any]]:
+        self._flush()
+        return self.shards
+
+
+@dataclass(frozen=True)
+class ShardImage:
+    """One stored image: position ``position`` of the shard file ``shard``, whose bytes hash to ``sha256``.
+
+    ``read_bytes()`` returns the encoded image (as ``Path.read_bytes`` does for an image file, so readers
+    take either); a mismatch with ``sha256`` raises DatasetError naming the shard and the position.
+    """
+
+    shard: Path
+    position: int
+    sha256: str
+
+    def read_bytes(self) -> bytes:
+        data = _reader(self.shard).image(self.position)
+        actual = sha256_bytes(data)
+        if actual != self.sha256:
+            raise DatasetError(
+                f"{self.shard}: image {self.position} has sha256 {actual[:12]}…, the dataset's pairs.jsonl says "
+                f"{self.sha256[:12]}…; the shard is corrupt or was modified — re-import the dataset"
+            )
+        return data
+
+
+class _ShardReader:
+    """An open shard: its offsets in memory, its bytes memory-mapped (safetensors ``safe_open``)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        try:
+            self._file = safe_open(str(path), framework="np")
+            meta = self._file.metadata() or {}
+            self.offsets = self._file.get_tensor("offsets")
+            self._bytes = self._file.get_slice("bytes")
+            total = self._bytes.get_shape()
+        except DatasetError:
+            raise
+        except Exception as e:  # SafetensorError (truncated header, missing tensor), OSError...
+            raise DatasetError(f"{path}: not a readable image shard ({type(e).__name__}: {e}) — re-import the "
+                               "dataset") from e
+        if meta.get(_META_KEY) != SHARD_LAYOUT:
+            raise DatasetError(f"{path}: image shard layout {meta.get(_META_KEY)!r}, expected {SHARD_LAYOUT!r} — "
+                               "re-import the dataset")
+        o = self.offsets
+        if (o.dtype != np.int64 or o.ndim != 1 or len(o) < 2 or o[0] != 0 or (np.diff(o) < 0).any()
+                or list(total) != [int(o[-1])]):
+            raise DatasetError(f"{path}: offsets do not describe its bytes tensor (shape {list(total)}) — the shard "
+                               "is corrupt, re-import the dataset")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.offsets) - 1
+
+    def image(self, k: int) -> bytes:
+        if not 0 <= k < self.num_images:
+            raise DatasetError(f"{self.path}: no image {k} (holds {self.num_images}) — re-import the dataset")
+        return self._bytes[int(self.offsets[k]):int(self.offsets[k + 1])].tobytes()
+
+
+# Open shards by (path, inode, mtime, size): a dataset re-imported under the same name is reopened, never
+# read through a stale map of the file it replaced.
+_readers: OrderedDict[tuple, _ShardReader] = OrderedDict()
+
+
+def _reader(path: Path) -> _ShardReader:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image shard missing — re-import the dataset") from None
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size)
+    reader = _readers.get(key)
+    if reader is None:
+        reader = _readers[key] = _ShardReader(path)
+        while len(_readers) > _OPEN_SHARDS:
+            _readers.popitem(last=False)
+    else:
+        _readers.move_to_end(key)
+    return reader
+
+
+def check_shard(path: Path, entry: dict[str, Any], *, listed_in: Path, verify: bool) -> None:
+    """The shard at ``path`` exists, is readable, holds ``entry["num_images"]`` images and (``verify``) hashes
+    to ``entry["sha256"]``; DatasetError names the shard."""
+    from prefdiff.data.atomic import sha256_file
+
+    hint = "re-import the dataset"
+    if not path.is_file():
+        raise DatasetError(f"{path}: image shard missing (listed in {listed_in}) — {hint}")
+    if verify:
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise DatasetError(f"{path}: sha256 mismatch ({listed_in} says {str(entry['sha256'])[:12]}…, file is "
+                               f"{actual[:12]}…); the shard is corrupt or was modified — {hint}")
+    n = _reader(path).num_images
+    if n != entry["num_images"]:
+        raise DatasetError(f"{path}: holds {n} images, {listed_in} says {entry['num_images']} — {hint}")
+
+
+__all__ = ["ImageShardWriter", "ShardImage", "check_shard", "shard_name", "SHARD_LAYOUT"]
