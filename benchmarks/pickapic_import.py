@@ -130,6 +130,33 @@ def new_import(parquet: Path, out: Path, config, workers: int, batch_rows: int) 
     return import_pickapic([parquet], out, config, workers=workers, progress=None, batch_rows=batch_rows).pairs_written
 
 
+def encoders(size: int, samples: int = 4) -> str:
+    """CPU ms per image (best of 3, process time) and bytes: PIL's default PNG vs ``encode_png``, on photos."""
+    from prefdiff.data.pickapic import encode_png
+
+    def pil_png(image: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    cols = []
+    for name, fn in (("PIL PNG default", pil_png), ("encode_png", encode_png)):
+        ms, size_b = [], []
+        for seed in range(samples):
+            image = photo(size, size, 1000 + seed)
+            best = min(_cpu(lambda: fn(image)) for _ in range(3))
+            ms.append(best * 1000)
+            size_b.append(len(fn(image)))
+        cols.append(f"{name}: {statistics.median(ms):.1f} ms CPU, {statistics.median(size_b) / 1024:.0f} KiB")
+    return "; ".join(cols)
+
+
+def _cpu(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
 def timed(fn, out: Path) -> float:
     if out.exists():
         shutil.rmtree(out)
@@ -161,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config: rows={args.rows} resolution={args.size} workers={args.workers} repeats={args.repeats} "
           f"batch_rows={args.batch_rows} cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
           f"load_avg_before={os.getloadavg()}")
+    print(f"encoders, {args.size} px photo, median of 4 images: {encoders(args.size)}")
     try:
         for case in args.cases.split(","):
             (fw, fh), hflip = CASES[case]

@@ -36,8 +36,11 @@ def main() -> None:
     from prefdiff.data.trajectories import TrajectoryStore
 
     # the input datasets' indexes and headers, before the model loads (fit verifies the bytes as it reads)
-    if PreferenceStore.open(paths.preferences).source_kind == "trajectories":
+    preferences = PreferenceStore.open(paths.preferences)
+    if preferences.source_kind == "trajectories":
         TrajectoryStore.open(paths.trajectories, verify=False)
+    else:  # imported pairs: every image shard exists and its header holds the images the index lists
+        preferences.image_pairs(verify=False)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
     from prefdiff.training.fit import fit
 

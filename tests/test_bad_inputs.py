@@ -10,6 +10,8 @@ exit status 2 with only ``error:`` lines on stderr, naming the key or file, and 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -105,6 +107,17 @@ def write_preferences_store(ws: Path) -> None:
                       judge={"name": "test", "higher_is_better": True, "params": {}})
 
 
+def write_imported_preferences(ws: Path) -> None:
+    """An imported (Pick-a-Pic) image-pair dataset in data/preferences, its images in one shard."""
+    from pickapic_fixture import default_rows, write_synthetic_pickapic
+
+    from prefdiff.data.pickapic import ImportConfig, import_pickapic
+
+    src = write_synthetic_pickapic(ws / "data" / "imports" / "part-0.parquet", default_rows())
+    with contextlib.redirect_stderr(io.StringIO()):  # the import's progress bar is not the case's output
+        import_pickapic([src], ws / "data" / "preferences", ImportConfig(resolution=32), workers=1, progress=None)
+
+
 def edit_file(relative: str, edit: Callable[[bytes], bytes], before: Callable[[Path], None]):
     def setup(ws: Path) -> None:
         before(ws)
@@ -181,6 +194,7 @@ class Case:
 
 TRAJ = "data/trajectories/index.json"
 PREFS = "data/preferences/index.json"
+SHARD = "data/preferences/images/shard-00000.safetensors"
 LATIN1 = "café au lait\nthé vert\n".encode("latin-1")
 
 CASES: list[Case] = [
@@ -326,6 +340,15 @@ CASES: list[Case] = [
                    write_preferences_store)),
     Case("a truncated trajectory index under valid preferences", "train", f"{TRAJ}: not valid JSON",
          edit_file(TRAJ, lambda b: b[:100], write_preferences_store)),
+    Case("an imported `data/preferences` of schema 2 (a PNG file per image)", "train", f"{PREFS}: an image-only "
+         "dataset of schema_version 2 (one PNG file per image) is no longer read",
+         edit_file(PREFS, json_edit(lambda d: d.update(schema_version=2)), write_imported_preferences)),
+    Case("a truncated image shard of an imported `data/preferences`", "train", f"{SHARD}: not a readable image shard",
+         edit_file(SHARD, lambda b: b[:50], write_imported_preferences)),
+    Case("`label.pickapic.workers: 0`", "every stage", "label.pickapic.workers = 0: Input should be greater than "
+         "or equal to 1", set_param({"label": {"pickapic": {"workers": 0}}})),
+    Case("`label.pickapic.shard_mb: 100000`", "every stage", "label.pickapic.shard_mb = 100000: Input should be "
+         "less than or equal to 4096", set_param({"label": {"pickapic": {"shard_mb": 100000}}})),
 ]
 
 TINY_PIPELINE: list[Path] = []  # the saved tiny pipeline the model cases copy (set by the fixture)
