@@ -61,9 +61,9 @@ _MAX_REJECTIONS_LISTED = 20
 # Formats kept byte for byte when no transform changes them: what PIL decodes everywhere the reader runs.
 _VERBATIM_FORMATS = ("JPEG", "PNG")
 # Transformed images are stored as PNG (lossless, as before), encoded by encode_png, not PIL: PIL tries all
-# five PNG row filters on every row and then runs deflate with LZ77 matching, ~160 ms CPU for a 512 px
-# photo at its default level and ~27 ms at level 1; one fixed filter and Huffman-only deflate take ~10 ms
-# and give files no larger than PIL's default (benchmarks/pickapic_import.py times the import as a whole).
+# five PNG row filters on every row and then deflates with LZ77 matching (most of the old importer's time);
+# one fixed filter and Huffman-only deflate cost a fraction of that for files about as small
+# (benchmarks/pickapic_import.py prints both encoders' CPU time and size on its first line).
 PNG_ENCODING = "avg filter, zlib Huffman-only"
 DEFAULT_SHARD_BYTES = 128 * 2**20
 
