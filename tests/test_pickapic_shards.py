@@ -113,6 +113,10 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers(tmp_path: Path) -> 
     idx = json.loads((tmp_path / "w1" / "index.json").read_text())
     assert len(idx["image_shards"]) > 2  # small shards: the boundaries were exercised
     assert all(s["num_bytes"] >= 4000 for s in idx["image_shards"][:-1])
+    pairs = PreferenceStore.open(tmp_path / "w2").image_pairs()
+    for p in pairs:  # every image found in its shard: read_bytes checks it against its sha256 in pairs.jsonl
+        assert p.winner_image.read_bytes() and p.loser_image.read_bytes()
+    assert len({p.loser_image.shard for p in pairs}) == len(idx["image_shards"])
     assert runs[1].rows_rejected == runs[2].rows_rejected == 1
     # the pool stops where one process stops
     cut = {w: import_pickapic([src], tmp_path / f"cut{w}", ImportConfig(resolution=RES, max_pairs=5), workers=w,
