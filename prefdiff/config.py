@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX, SCORER_ALIASES, SCORERS, TRAIN_METHODS
+from prefdiff.paths import LORA_WEIGHT_NAME
 
 
 class ParamsError(ValueError):
@@ -642,8 +643,9 @@ def _is_section(annotation: Any) -> bool:
 def check_files(params: Params, root: Path) -> None:
     """What params name on disk, read now rather than hours later: the prompt sets of ``sample`` and
     ``evaluate`` (a missing, empty, non-UTF-8 or unreadable file, a directory without prompt files) and their
-    ``num_prompts`` against the set's size. Relative paths are resolved against ``root`` (the workspace).
-    Raises ParamsError naming the key, the file and the fix."""
+    ``num_prompts`` against the set's size; the LoRA dirs of ``sample.lora`` and ``train.init_lora`` (the flows
+    write them before the stages run) and the ``evaluate.implicit_pairs`` dataset, by their files. Relative
+    paths are resolved against ``root`` (the workspace). Raises ParamsError naming the key, the file and the fix."""
     from prefdiff.prompts import PromptSetError, get_prompt_set
 
     for section in (params.sample, params.evaluate):
@@ -655,6 +657,23 @@ def check_files(params: Params, root: Path) -> None:
         if section.num_prompts is not None and section.num_prompts > len(prompts):
             raise ParamsError(f"{name}.num_prompts = {section.num_prompts}: prompt set {section.prompt_set!r} has "
                               f"only {len(prompts)} prompts; allowed: 1..{len(prompts)} or null (all)")
+    for key, value in (("sample.lora", params.sample.lora), ("train.init_lora", params.train.init_lora)):
+        if value is not None:
+            _check_named_dir(key, value, root, LORA_WEIGHT_NAME,
+                             "a diffusers-format LoRA dir (a train stage's models/trained) or null")
+    if params.evaluate.implicit_accuracy and params.evaluate.implicit_pairs is not None:
+        _check_named_dir("evaluate.implicit_pairs", params.evaluate.implicit_pairs, root, "index.json",
+                         "an image-pair preference dataset dir (an imported Pick-a-Pic split) or null (data/heldout)")
+
+
+def _check_named_dir(key: str, value: str, root: Path, required: str, allowed: str) -> None:
+    """A directory that params name, with the file ``required`` in it (relative paths under ``root``)."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_dir():
+        raise ParamsError(f"{key} = {value!r}: {path} is not a directory; allowed: {allowed}")
+    if not (path / required).is_file():
+        raise ParamsError(f"{key} = {value!r}: {path} has no {required}; allowed: {allowed}")
 
 
 _KEY_LINE = re.compile(r"(?P<indent>\s+)(?P<key>[A-Za-z_][\w-]*):(?P<space>\s*)(?P<value>[^#\s](?:[^#]*[^#\s])?)?"
