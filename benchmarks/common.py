@@ -314,7 +314,9 @@ def _gib(n: int) -> str:
 
 def report(title: str, config: dict, results: dict[str, dict], *, ours: str = "prefdiff",
            theirs: str = "reference", names: dict[str, str] | None = None) -> dict:
-    """Print the config, each side's median/min/max, peak memory and MFU, and the ratios; returns it all."""
+    """Print the config, each side's median/min/max, peak memory and MFU, and the ratios; returns it all.
+
+    Exits with status 1 after printing when a side failed."""
     names = names or {}
     summary: dict = {"benchmark": title, **config, "sides": results}
     print(f"== {title}")
@@ -340,6 +342,8 @@ def report(title: str, config: dict, results: dict[str, dict], *, ours: str = "p
               f"(range over repeats {summary['speedup_min_max'][0]:.2f}-{summary['speedup_min_max'][1]:.2f}{cpu}); "
               f"memory {names.get(ours, ours)} / {names.get(theirs, theirs)}: {summary['memory_ratio']:.2f}x")
     print("SUMMARY " + json.dumps(summary), flush=True)
+    if any("error" in r for r in results.values()):
+        raise SystemExit(1)  # a failed side fails the command (scripts/gpu_bench.sh reports it)
     return summary
 
 
