@@ -15,8 +15,12 @@ same for every method:
 - every unit back-propagates loss / (units in this optimizer step), as the official D3PO loop accumulates
   over T x gradient accumulation; gradients are all-reduced only on the step's last backward
   (``accelerator.no_sync``); then the gradient norm is clipped and the optimizer steps;
+- processes (``accelerate launch``, ``train.num_processes``): every process walks the same micro-batches and
+  draws and computes its contiguous share of each micro-batch's rows (``accumulate``), so N processes make the
+  update one process makes on the same batch; only the main process writes checkpoints, snapshots and
+  ``out_dir`` and logs; every process reads the checkpoint it resumes from;
 - logging: per optimizer step the mean of each of the method's ``metrics`` over its units (a curve row,
-  MLflow, ``progress``);
+  MLflow, ``progress``), kept on the device and read once per step with the gradient norm;
 - checkpoints (weights, optimizer, position, the method's precomputed tensors, the curve) every
   ``checkpoint_every`` steps, valid only for the same inputs. A run with the same inputs resumes from one
   and ends where an uninterrupted run does: every random draw is a pure function of (seed, epoch, batch);
@@ -105,6 +109,9 @@ class Unit:
     step_index: torch.Tensor | None  # [b_r] step index into the trajectory per item (timestep methods), else None
     micro_batch: torch.Tensor  # [b] the whole micro-batch's item indices, every process's rows
     share: torch.Tensor  # [b_r] positions of ``rows`` in ``micro_batch``
+    # True: this process has no rows of the micro-batch but must run the step's all-reducing last backward; it
+    # trains the micro-batch's first row with weight 0
+    padding: bool = False
 
     def own(self, tensor: torch.Tensor, copies: int = 1) -> torch.Tensor:
         """This share's rows of a tensor laid out as ``copies`` blocks of the whole micro-batch ([copies x b, ...],
@@ -271,7 +278,8 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
                 continue
             # The last backward all-reduces, so every process runs it: an empty share trains one row with weight 0.
             weight, mine = (len(share) / len(micro), share) if len(share) else (0.0, torch.arange(1))
-            unit = Unit(micro[mine], generator, None if step_index is None else step_index[mine], micro, mine)
+            unit = Unit(micro[mine], generator, None if step_index is None else step_index[mine], micro, mine,
+                        padding=not weight)
             with nullcontext() if last else acc.no_sync(model.unet):
                 loss, metrics = method.loss(unit)
                 acc.backward(loss * (weight * processes) / backwards)
@@ -432,6 +440,10 @@ def fit(
         if model is None:
             model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
         method = method_cls(FitContext(params, model, preferences, trajectories, progress))
+    processes = model.accelerator.num_processes  # launched by hand (several nodes), it may differ from the param
+    if processes > tp.batch_size:
+        raise ValueError(f"{processes} processes share micro-batches of train.batch_size = {tp.batch_size} items, so "
+                         f"some would idle; allowed: train.batch_size >= the process count (a multiple of it)")
     _, per_epoch = steps_per_epoch(method.items, tp)
     total_steps = per_epoch * tp.epochs
     timesteps = None

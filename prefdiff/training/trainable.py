@@ -89,7 +89,9 @@ class TrainableUNet:
         self.tp = tp
         self.accelerator = Accelerator(mixed_precision=tp.mixed_precision, cpu=process_state(params).device.type == "cpu")
         if pipe is None:
-            pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=str(self.accelerator.device),
+            device = self.accelerator.device  # a launched CPU process's is "cpu:0", which model.device does not name
+            pipe = load_pipeline(params.model.source, dtype=params.model.dtype,
+                                 device="cpu" if device.type == "cpu" else str(device),
                                  revision=params.model.revision)
         self.pipe = pipe.to(self.accelerator.device)
         unet = self.pipe.unet
@@ -113,6 +115,8 @@ class TrainableUNet:
         if tp.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()  # diffusers checkpoints activations only in training mode (the UNet has no dropout)
+        if tp.compile:  # in place: the policy, the reference (adapters off) and pipe.unet all run compiled
+            unet.compile()
         self.trainable = trainable
         self.num_trainable = sum(p.numel() for p in trainable)
         self.base_lr = effective_lr(tp)
