@@ -3,8 +3,9 @@
 One launch of ``tests/ddp_worker.py`` trains three runs in each of 2 processes; the test trains the same runs
 in this process and compares. Tolerance: float sums run in another order with 2 processes (each process sums
 its share's gradient, then DDP averages the two), so the weights agree to rounding, not bitwise:
-|w2 - w1| <= 1e-6 + 1e-5 |w1| (measured: at most 1.5e-9 on these runs; an update is ~lr = 1e-2, so a wrong
-scaling or a missing share would miss it by orders of magnitude).
+|w2 - w1| <= 1e-4 x the largest weight change of the one-process run (AdamW with eps 1, whose update is about
+lr x gradient, so a rounding difference is not amplified; a wrong scaling or a missing share moves the update
+by far more).
 """
 
 import json
@@ -29,7 +30,9 @@ from prefdiff.training.fit import fit, shares, steps_per_epoch
 from stages.train import launch_command
 
 DATA = {"sample": {"num_prompts": 2, "images_per_group": 3, "batch_size": 6}, "sampling": {"num_steps": 4}}
-SHARED = {"lr": 0.01, "checkpoint_every": 1, "weight_decay": 0.0}
+# adam_eps 1 makes AdamW's update ~ lr x gradient: with a small eps it is lr x sign(g) for tiny components, and a
+# float-order difference of 1e-7 in a gradient of 1e-9 would flip a full lr-sized step (measured: 9e-5 of 4e-2)
+SHARED = {"lr": 1.0, "adam_eps": 1.0, "checkpoint_every": 1, "weight_decay": 0.0}
 # (name, train overrides, stop after steps): D3PO with 2 rows per micro-batch (1 per process), the same run
 # interrupted after one step (its resume is the next entry), Diffusion-DPO with micro-batches of 5 and 1 rows:
 # shares of 3/2 and 1/0 (the second process pads the 1-row step's all-reducing backward with a weight-0 row).
@@ -38,7 +41,7 @@ DPO = {"method": "diffusion_dpo", "epochs": 1, "batch_size": 5, "gradient_accumu
 RUNS = [("d3po", D3PO, None), ("resumed", D3PO, 1), ("resumed", D3PO, None), ("dpo", DPO, None)]
 REPO = Path(__file__).resolve().parents[1]  # the worker imports this checkout's prefdiff
 NAMES = [name for name, _, _ in RUNS]
-RTOL, ATOL = 1e-5, 1e-6
+RTOL = 1e-4  # of the largest update
 
 
 def overrides(train: dict, processes: int) -> dict:
@@ -78,10 +81,10 @@ def single(root: Path, out: Path, train: dict, stop=None):
                out_dir=out / "trained", checkpoint_dir=out / "ckpt", progress=lambda _: None, stop_after_steps=stop)
 
 
-def assert_close(two: dict, one: dict) -> None:
+def assert_close(two: dict, one: dict, update: float) -> None:
     assert two.keys() == one.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=RTOL, atol=ATOL, msg=key)
+    worst = max(float((two[k] - one[k]).abs().max()) for k in one)
+    assert worst <= RTOL * update, (worst, update)
 
 
 @pytest.mark.parametrize(("name", "train"), [("d3po", D3PO), ("dpo", DPO)])
@@ -92,9 +95,9 @@ def test_two_processes_train_the_one_process_update(launched, tmp_path, name, tr
     for key in weights[0]:  # DDP keeps the processes' weights identical
         assert torch.equal(weights[0][key], weights[1][key]), key
     trained = load_file(str(tmp_path / "trained" / LORA_WEIGHT_NAME))
-    moved = max(float(v.abs().max()) for k, v in trained.items() if "lora.up" in k)
-    assert moved > 100 * ATOL  # the comparison below is not between two untrained LoRAs
-    assert_close(load_file(str(out / name / "trained" / LORA_WEIGHT_NAME)), trained)
+    moved = max(float(v.abs().max()) for k, v in trained.items() if "lora.up" in k)  # up weights start at 0
+    assert moved > 1e-4  # the comparison below is not between two untrained LoRAs
+    assert_close(load_file(str(out / name / "trained" / LORA_WEIGHT_NAME)), trained, moved)
     # the logged curve (metrics reduced over processes) is the one process's
     curve = reports[0][NAMES.index(name)]["curve"]
     assert [row["step"] for row in curve] == [row["step"] for row in one.curve]
