@@ -98,12 +98,13 @@ def test_two_processes_train_the_one_process_update(launched, tmp_path, name, tr
     moved = max(float(v.abs().max()) for k, v in trained.items() if "lora.up" in k)  # up weights start at 0
     assert moved > 1e-4  # the comparison below is not between two untrained LoRAs
     assert_close(load_file(str(out / name / "trained" / LORA_WEIGHT_NAME)), trained, moved)
-    # the logged curve (metrics reduced over processes) is the one process's
+    # the logged curve (metrics reduced over processes) is the one process's; abs 1e-5: D3PO's mean_log_ratio
+    # (~4e-6 here) is a difference of log-probs of magnitude ~1e2, whose float32 rounding is ~1e-5
     curve = reports[0][NAMES.index(name)]["curve"]
     assert [row["step"] for row in curve] == [row["step"] for row in one.curve]
     for two_row, one_row in zip(curve, one.curve):
         for key, value in one_row.items():
-            assert two_row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+            assert two_row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
 
 def test_each_process_trains_its_share_of_every_micro_batch(launched):
