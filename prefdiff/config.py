@@ -292,7 +292,7 @@ def moved_key_message(key: str, method: Any, prefix: str) -> str:
     return f"{prefix}.{key} moved to " + " / ".join(f"{prefix}.{p}" for p in chosen or places)
 
 
-EXECUTION_KEYS = {"num_processes", "compile"}  # train keys that change how a run executes, not its result
+EXECUTION_KEYS = {"num_processes"}  # train keys that change how a run executes, not its result
 
 
 class TrainParams(_Section):
@@ -339,9 +339,8 @@ class TrainParams(_Section):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     # How the run executes, not what it computes (``EXECUTION_KEYS``): processes that share every micro-batch
     # (the train stage relaunches itself under `accelerate launch` when > 1; the update equals one process's
-    # up to float summation order), and torch.compile of the UNet.
+    # up to float summation order).
     num_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
-    compile: bool = False
     d3po: D3POParams = D3POParams()
     diffusion_dpo: DiffusionDPOParams = DiffusionDPOParams()
     sft: SFTParams = SFTParams()

@@ -1,8 +1,9 @@
 """The fast path computes what the straightforward one does: on-device metrics, SDPA attention, bf16 autocast with
-fp32 log-prob math, torch.compile of the UNet (each against plain fp32 eager on builtin:tiny-sd)."""
+fp32 log-prob math (against plain fp32 eager on builtin:tiny-sd)."""
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from prefdiff.config import parse_params
 from prefdiff.sampling.guidance import encode_prompts
@@ -16,6 +17,8 @@ def loss_and_grads(**train) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch
     """(log-probs [4], loss, LoRA up-weight gradients) of a D3PO-style step: -mean log pi(x_{j+1} | x_j) of 4 random
     chains at steps 0..3, after one AdamW step so that the LoRA up weights (zero at init) are not zero."""
     params = parse_params({"sampling": {"num_steps": T}, "train": {"lr": 0.01, **train}})
+    # accelerate keeps one mixed-precision setting per process; these runs switch it, as separate processes would
+    AcceleratorState._reset_state(reset_partial_state=False)
     model = TrainableUNet(params, need_reference_copy=False, progress=lambda _: None)
     pipe = model.pipe
     pipe.scheduler.set_timesteps(T)
@@ -65,12 +68,3 @@ def test_bf16_autocast_keeps_log_prob_math_in_fp32(eager):
     flat, ref = torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in ref_grads.values()])
     cosine = float(torch.nn.functional.cosine_similarity(flat, ref, dim=0))
     assert cosine > 0.99, cosine
-
-
-def test_compiled_unet_gives_the_eager_loss_and_gradients(eager):
-    """torch.compile fuses kernels, so sums run in another order: equal to 1e-4 relative (fp32)."""
-    logp, loss, grads = loss_and_grads(compile=True)
-    ref_logp, ref_loss, ref_grads = eager
-    torch.testing.assert_close(logp, ref_logp, rtol=1e-4, atol=1e-4)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

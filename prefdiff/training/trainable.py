@@ -115,8 +115,6 @@ class TrainableUNet:
         if tp.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             unet.train()  # diffusers checkpoints activations only in training mode (the UNet has no dropout)
-        if tp.compile:  # in place: the policy, the reference (adapters off) and pipe.unet all run compiled
-            unet.compile()
         self.trainable = trainable
         self.num_trainable = sum(p.numel() for p in trainable)
         self.base_lr = effective_lr(tp)
