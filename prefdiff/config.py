@@ -42,6 +42,7 @@ MAX_BATCH = 65_536  # items per micro-batch, or micro-batches per optimizer step
 MAX_PROMPTS = 1_000_000
 MAX_SEEDS_PER_PROMPT = 10_000
 MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
+MAX_PROCESSES = 4096  # training processes (GPUs over all nodes)
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -292,6 +293,9 @@ def moved_key_message(key: str, method: Any, prefix: str) -> str:
     return f"{prefix}.{key} moved to " + " / ".join(f"{prefix}.{p}" for p in chosen or places)
 
 
+EXECUTION_KEYS = {"num_processes"}  # train keys that change how a run executes, not its result
+
+
 class TrainParams(_Section):
     """The train section: keys every method shares, and one section of options per method.
 
@@ -317,7 +321,7 @@ class TrainParams(_Section):
     # scaler skips a few while it calibrates)
     max_nonfinite_steps: int = Field(10, ge=0, le=1_000_000)
     optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
-    scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
+    scale_lr: bool = False  # lr x the optimizer step's batch (batch_size x gradient_accumulation_steps)
     lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)  # training items (pairs, or images for ddpo) per micro-batch
@@ -334,6 +338,10 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(50, ge=1, le=MAX_STEPS)  # optimizer steps between resumable checkpoints
     snapshot_every_epochs: int = Field(1, ge=1, le=MAX_EPOCHS)  # weight snapshots for the evaluate reward curve
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    # How the run executes, not what it computes (``EXECUTION_KEYS``): processes that share every micro-batch
+    # (the train stage relaunches itself under `accelerate launch` when > 1; the update equals one process's
+    # up to float summation order).
+    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
     d3po: D3POParams = D3POParams()
     diffusion_dpo: DiffusionDPOParams = DiffusionDPOParams()
     sft: SFTParams = SFTParams()
@@ -370,14 +378,23 @@ class TrainParams(_Section):
             raise ValueError("train.init_lora starts a LoRA; with train.finetune = 'full' set it to null")
         return self
 
+    @model_validator(mode="after")
+    def _every_process_has_rows(self) -> TrainParams:
+        if self.num_processes > self.batch_size:
+            raise ValueError(f"train.num_processes = {self.num_processes} > train.batch_size = {self.batch_size}: the "
+                             f"processes share each micro-batch of batch_size items, so some would idle; allowed: "
+                             f"batch_size >= num_processes (a multiple of it balances the work)")
+        return self
+
     @property
     def method_params(self) -> _Section:
         """The chosen method's section (``train.<method>``)."""
         return getattr(self, self.method) if self.method in METHOD_SECTIONS else NoMethodParams()
 
     def in_use(self) -> dict[str, Any]:
-        """The shared keys and the chosen method's section: all that changes what this run trains."""
-        shared = self.model_dump(exclude=set(METHOD_SECTIONS))
+        """The shared keys and the chosen method's section: all that changes what this run trains (not the
+        ``EXECUTION_KEYS``: a run may resume with another process count)."""
+        shared = self.model_dump(exclude=set(METHOD_SECTIONS) | EXECUTION_KEYS)
         return {**shared, self.method: self.method_params.model_dump()}
 
 
