@@ -1,6 +1,7 @@
 """Time one D3PO optimizer step: prefdiff's trainer step vs a straightforward port of the official loop.
 
-Both run in this process on the same model, data and LoRA, and the script prints the ratio.
+Both sides run on the same architecture, data and LoRA, each in a fresh process (``benchmarks.common``: peak
+memory per side), and the script prints the time and memory ratios.
 
 - baseline ("official"): the yk7333/d3po training loop as written: a ``copy.deepcopy`` reference UNet,
   and per timestep one UNet call per image per guidance branch for the policy (4 per pair) and again
@@ -9,38 +10,38 @@ Both run in this process on the same model, data and LoRA, and the script prints
   UNet; its cost per step is reported separately, amortised over the epochs), and per timestep ONE
   UNet call for winners, losers and both guidance branches.
 
-Usage: python -m benchmarks.d3po_step [--pairs 8] [--steps 20] [--repeats 3] [--source builtin:tiny-sd]
-       [--device auto] [--dtype float32]
+Memory: the official side's peak holds the deep-copied reference UNet; prefdiff's holds the one-off reference
+pass and the step. MFU counts the step's UNet samples (prefdiff: steps x 4 x pairs, back-propagated; official:
+the same back-propagated plus as many no-grad reference samples).
+
+Usage: python -m benchmarks.d3po_step [--pairs 8] [--steps 20] [--repeats 3] [--arch tiny|sd15|sdxl]
+       [--device auto] [--dtype fp32|bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
-import time
 
 import torch
 
+from benchmarks import common
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+MODULE = "benchmarks.d3po_step"
 
 
-def _setup(args):
-    from prefdiff.models.loading import load_pipeline
+def _setup(args, device):
     from prefdiff.models.lora import add_lora
     from prefdiff.sampling.guidance import encode_prompts
 
-    pipe = load_pipeline(args.source, dtype=args.dtype, device=args.device)
+    pipe = common.build_pipeline(args, device)
     torch.manual_seed(0)
     params = add_lora(pipe.unet, rank=4, alpha=4)
     pipe.scheduler.set_timesteps(args.steps, device=pipe.unet.device)
-    c, h = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    from prefdiff.sampling.sampler import latent_shape
+
     n = 2 * args.pairs  # rows 0..pairs-1 winners, pairs..2*pairs-1 losers
-    chain = torch.randn(n, args.steps + 1, c, h, h)
+    chain = torch.randn(n, args.steps + 1, *latent_shape(pipe))
     embeds = encode_prompts(pipe, [f"animal {i % args.pairs}" for i in range(n)]).cpu()
     uncond = encode_prompts(pipe, [""])
     optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-4)
@@ -96,64 +97,76 @@ def official_step(pipe, ref_unet, params, chain, embeds, uncond, optimizer, pair
     optimizer.zero_grad(set_to_none=True)
 
 
-def _time(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        began = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - began)
-    return statistics.median(times)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description="D3PO step: prefdiff vs official-style loop")
-    parser.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps T (all trained)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs the one-off reference pass is amortised over")
-    parser.add_argument("--source", default="builtin:tiny-sd")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="float32")
-    args = parser.parse_args(argv)
+def run_side(args) -> dict:
     from prefdiff.models.lora import adapters_disabled
     from prefdiff.sampling.sampler import SamplingConfig
     from prefdiff.training.trajectory import reference_log_probs
 
-    pipe, params, chain, embeds, uncond, optimizer = _setup(args)
-    device = pipe.unet.device
+    device = common.device_of(args)
+    pipe, params, chain, embeds, uncond, optimizer = _setup(args, device)
     timesteps = pipe.scheduler.timesteps.cpu().long()
+    per_step = args.steps * 4 * args.pairs  # UNet samples per optimizer step: 2 images x 2 guidance branches
+    if args.side == "prefdiff":
+        def ref_pass():
+            with adapters_disabled(pipe.unet):
+                return reference_log_probs(pipe, chain, timesteps, embeds, uncond,
+                                           SamplingConfig(num_steps=args.steps), eta=1.0, batch_size=64)
 
-    def ref_pass():
-        with adapters_disabled(pipe.unet):
-            return reference_log_probs(pipe, chain, timesteps, embeds, uncond, SamplingConfig(num_steps=args.steps),
-                                       eta=1.0, batch_size=64)
+        mem_kind = common.reset_peak_memory(device)
+        ref_logp = ref_pass()
+        ref_walls, ref_cpus = common.time_repeats(ref_pass, device, 1)
 
-    ref_logp = ref_pass()
-    ref_seconds = _time(ref_pass, device, 1)
-    ours = _time(lambda: prefdiff_step(pipe, params, chain, embeds, uncond, optimizer, ref_logp, args.pairs, args.steps),
-                 device, args.repeats)
+        def step():
+            with common.autocast(args, device):
+                prefdiff_step(pipe, params, chain, embeds, uncond, optimizer, ref_logp, args.pairs, args.steps)
+
+        timed = common.time_repeats(step, device, args.repeats)
+        return common.side_result(args, device, pipe, timed, mem_kind, fwd_samples_grad=per_step,
+                                  fwd_samples_nograd=0, reference_pass_s=round(ref_walls[0], 5),
+                                  reference_pass_cpu_s=round(ref_cpus[0], 5),
+                                  extra_unet_copy_bytes=0)
     ref_unet = copy.deepcopy(pipe.unet).requires_grad_(False)  # what the official code holds in memory
     ref_unet.disable_adapters()
-    theirs = _time(lambda: official_step(pipe, ref_unet, params, chain, embeds, uncond, optimizer, args.pairs, args.steps),
-                   device, args.repeats)
     unet_bytes = sum(p.numel() * p.element_size() for p in ref_unet.parameters())
-    ours_amortised = ours + ref_seconds / args.epochs
-    result = {
-        "device": str(device), "source": args.source, "pairs_per_step": args.pairs, "timesteps": args.steps,
-        "official_step_s": round(theirs, 4), "prefdiff_step_s": round(ours, 4),
-        "prefdiff_reference_pass_s": round(ref_seconds, 4),
-        "prefdiff_step_with_amortised_reference_s": round(ours_amortised, 4),
-        "speedup": round(theirs / ours, 2), "speedup_with_amortised_reference": round(theirs / ours_amortised, 2),
-        "extra_unet_copy_bytes_official": unet_bytes, "extra_unet_copy_bytes_prefdiff": 0,
-    }
-    print(json.dumps(result, indent=2))
-    print(f"one D3PO step ({args.pairs} pairs x {args.steps} timesteps): official-style {theirs:.3f} s, "
-          f"prefdiff {ours:.3f} s -> {theirs / ours:.2f}x faster "
-          f"({theirs / ours_amortised:.2f}x counting the one-off reference pass over {args.epochs} epochs)")
-    return result
+    mem_kind = common.reset_peak_memory(device)
+
+    def step():
+        with common.autocast(args, device):
+            official_step(pipe, ref_unet, params, chain, embeds, uncond, optimizer, args.pairs, args.steps)
+
+    timed = common.time_repeats(step, device, args.repeats)
+    return common.side_result(args, device, pipe, timed, mem_kind, fwd_samples_grad=per_step,
+                              fwd_samples_nograd=per_step, extra_unet_copy_bytes=unet_bytes)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description="D3PO step: prefdiff vs official-style loop")
+    common.add_common_args(parser)
+    parser.add_argument("--pairs", type=int, default=8, help="preference pairs per optimizer step")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps T (all trained)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs the one-off reference pass is amortised over")
+    args = parser.parse_args(argv)
+    if args.side != "both":
+        common.emit(run_side(args))
+        return None
+    results = common.run_sides(MODULE, common.side_argv(argv))
+    device = common.device_of(args)
+    config = {"device": common.device_name(device), "arch": args.arch, "resolution": common.resolution_of(args),
+              "dtype": args.dtype, "pairs_per_step": args.pairs, "timesteps": args.steps}
+    summary = common.report(f"one D3PO optimizer step ({args.pairs} pairs x {args.steps} timesteps)", config,
+                            results, names={"reference": "official-style"})
+    ours, theirs = results.get("prefdiff", {}), results.get("reference", {})
+    if "median_s" in ours and "median_s" in theirs:
+        amortised = ours["median_s"] + ours["reference_pass_s"] / args.epochs
+        amortised_cpu = ours["median_cpu_s"] + ours["reference_pass_cpu_s"] / args.epochs
+        summary["speedup_with_amortised_reference"] = round(theirs["median_s"] / amortised, 3)
+        summary["cpu_speedup_with_amortised_reference"] = round(theirs["median_cpu_s"] / amortised_cpu, 3)
+        print(f"   with prefdiff's one-off reference pass ({ours['reference_pass_s']:.3f} s, CPU "
+              f"{ours['reference_pass_cpu_s']:.3f} s) amortised over {args.epochs} epochs: "
+              f"{summary['speedup_with_amortised_reference']:.2f}x (CPU seconds "
+              f"{summary['cpu_speedup_with_amortised_reference']:.2f}x); the official loop holds an "
+              f"extra UNet copy of {theirs['extra_unet_copy_bytes'] / 2**20:.1f} MiB, prefdiff none")
+    return summary
 
 
 if __name__ == "__main__":

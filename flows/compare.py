@@ -49,6 +49,7 @@ from flows.round import (
     _mark_failed,
     open_parent_run,
     refused,
+    run_flow_cli,
     resolve_baseline,
     run_stage,
     stage_env,
@@ -436,12 +437,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.compare") -
         load_params(Paths(REPO_ROOT).params)  # before the ephemeral Prefect server starts (~10 s)
     except ParamsError as err:
         return refused(err)
-    try:
-        compare_methods(methods=args.methods)
-    except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
-        print(f"\ncompare-methods failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return run_flow_cli("compare-methods", lambda: compare_methods(methods=args.methods))
 
 
 if __name__ == "__main__":

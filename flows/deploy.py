@@ -89,7 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     from prefect import serve
 
+    from flows.round import prefect_api_problem
+
     args = parse_args(argv)
+    problem = prefect_api_problem()  # serve() would otherwise retry a down API for minutes
+    if problem is not None:
+        raise SystemExit(f"error: {problem}")
     deployments = [build_deployment(name=args.name, cron=args.cron, timezone=args.timezone)]
     if not args.no_human:
         deployments.append(build_human_deployment(name=args.human_name))

@@ -349,6 +349,38 @@ def log_round(repo: str, run_id: str, stage_results: list[dict[str, Any]] | None
     return {"run_id": run_id, "eval": _read_json(paths.eval_metrics), "decision": decision}
 
 
+PUSH_ATTEMPTS, PUSH_DELAY_S = 3, 2.0
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE)
+def push_data(repo: str, run_id: str) -> dict[str, Any]:
+    """``dvc push`` of the round's cached outputs (trajectories, preferences, weights, ...) to the workspace's
+    default DVC remote, so a fresh clone that pulls runs ``dvc repro`` as a no-op. No default remote: nothing
+    to do. A push that fails is tried ``PUSH_ATTEMPTS`` times (``PUSH_DELAY_S``, doubling: a remote on a network
+    share or S3 may be briefly away), then a warning, not a failed round: every output is complete in the
+    local cache, and ``dvc push`` later sends it. Returns ``{"remote", "pushed", "detail"}``."""
+    log = _logger()
+    env = stage_env(repo, run_id)
+    query = subprocess.run([_dvc_executable(), "remote", "default"], cwd=repo, env=env, capture_output=True, text=True)
+    remote = query.stdout.strip() if query.returncode == 0 else None
+    if not remote:
+        return {"remote": None, "pushed": False, "detail": "no default DVC remote (dvc remote add -d NAME URL)"}
+    delay = PUSH_DELAY_S
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        code, lines = stream_command([_dvc_executable(), "push"], repo, env)
+        if code == 0:
+            return {"remote": remote, "pushed": True, "detail": (lines or ["pushed"])[-1]}
+        if attempt < PUSH_ATTEMPTS:
+            log.info(f"dvc push to remote {remote!r} failed (exit {code}); retry {attempt}/{PUSH_ATTEMPTS - 1} in "
+                     f"{delay:g} s")
+            time.sleep(delay)
+            delay *= 2
+    detail = " ".join((lines or [f"exit {code}"])[-1].split())
+    log.warning(f"dvc push to remote {remote!r} failed {PUSH_ATTEMPTS} times ({detail}); the round's outputs are "
+                f"complete in the local DVC cache: run `dvc push` when the remote is reachable")
+    return {"remote": remote, "pushed": False, "detail": detail}
+
+
 # --------------------------------------------------------------------------------------------------
 # Flow
 # --------------------------------------------------------------------------------------------------
@@ -399,6 +431,10 @@ def summarize(result: dict[str, Any], uri: str, experiment: str) -> str:
         lines.append(f"  reward      : trained {ev['trained_mean_reward']:.4f} vs {ev.get('baseline', 'base')} "
                      f"{ev['base_mean_reward']:.4f} ({ev.get('judge', 'judge')}; gain "
                      f"{ev['trained_mean_reward'] - ev['base_mean_reward']:+.4f})")
+    push = result.get("push")
+    if push and push.get("remote"):
+        lines.append(f"  DVC remote  : {'pushed to' if push['pushed'] else 'NOT pushed to'} {push['remote']!r}"
+                     + ("" if push["pushed"] else f" ({push['detail']}; run `dvc push` when it is reachable)"))
     if dec:
         how = "already registered, kept" if dec.get("reused") else "registered"
         lines.append(f"  registry    : {dec.get('model_name')} v{dec.get('version')} -> {dec.get('alias')} ({how}): "
@@ -433,13 +469,15 @@ BeforeStage = Callable[[str, str, str], None]
 
 
 def run_round(repo: str | None, stages: list[str] | None, run_name: str | None, *, run_name_prefix: str = "round",
-              before_stage: BeforeStage | None = None, run_tags: dict[str, str] | None = None) -> dict:
+              before_stage: BeforeStage | None = None, run_tags: dict[str, str] | None = None,
+              push: bool = True) -> dict:
     """The body of a round flow (call it inside a flow run): validate params, open the MLflow parent run,
     run the DVC stages ``stages`` (default all six) in ``repo`` (default this repo) as tasks, the baseline
     resolved before evaluate and ``before_stage`` called before each stage; then log metrics, lineage and
-    artifacts from files and print the summary. ``run_tags`` go on the round's MLflow run (``open_parent_run``).
+    artifacts from files, ``dvc push`` to the default DVC remote when there is one and ``push`` (``push_data``), and
+    print the summary. ``run_tags`` go on the round's MLflow run (``open_parent_run``).
     Any error ends the MLflow run FAILED (naming the stage when one failed) and is re-raised.
-    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
+    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}, "push": push_data's result}``."""
     root = Path(repo).resolve() if repo else REPO_ROOT
     repo_s = str(root)
     params = load_params(Paths(root).params)  # fail fast, naming the key, before anything heavy
@@ -468,6 +506,8 @@ def run_round(repo: str | None, stages: list[str] | None, run_name: str | None, 
         _mark_failed(repo_s, run_id, current, err, results)
         raise
     result["stages"] = {r["stage"]: r["ran"] for r in results}
+    if push:
+        result["push"] = push_data(repo_s, run_id)
 
     from prefdiff.tracking import tracking_uri
 
@@ -478,12 +518,14 @@ def run_round(repo: str | None, stages: list[str] | None, run_name: str | None, 
 @flow(name="preference-round", log_prints=True,
       description="One round: sample -> label -> train -> heldout -> evaluate -> register (DVC stages), "
                   "tracked in MLflow.")
-def preference_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None) -> dict:
+def preference_round(repo: str | None = None, stages: list[str] | None = None, run_name: str | None = None,
+                     push: bool = True) -> dict:
     """Run the pipeline's DVC stages (default: all six, in order) in ``repo`` (default: this repo),
     each as a task, all logging into one new MLflow run (the baseline resolved before evaluate); then log
-    the final metrics, lineage and artifacts from files.
-    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}}``."""
-    return run_round(repo, stages, run_name)
+    the final metrics, lineage and artifacts from files, and push the outputs to the default DVC remote if one
+    is configured and ``push``.
+    Returns ``{"run_id", "eval", "decision", "stages": {name: ran?}, "push": {"remote", "pushed", "detail"}}``."""
+    return run_round(repo, stages, run_name, push=push)
 
 
 def parse_args(argv: list[str] | None = None, prog: str = "python -m flows.round") -> argparse.Namespace:
@@ -493,6 +535,8 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m flows.round
     p.add_argument("--stages", nargs="+", choices=STAGES, default=None, metavar="STAGE",
                    help=f"run only these stages, in pipeline order (default: all of {', '.join(STAGES)})")
     p.add_argument("--run-name", default=None, help="the MLflow run's name (default: round-<flow run name>)")
+    p.add_argument("--no-push", action="store_true",
+                   help="do not `dvc push` the round's outputs to the default DVC remote (pushed when one is set)")
     return p.parse_args(argv)
 
 
@@ -506,7 +550,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.round") -> 
     except (ParamsError, ValueError) as err:
         return refused(err)
     return run_flow_cli("d3po_round", lambda: preference_round(repo=args.repo, stages=args.stages,
-                                                               run_name=args.run_name))
+                                                               run_name=args.run_name, push=not args.no_push))
 
 
 def refused(err: Exception) -> int:
@@ -516,11 +560,85 @@ def refused(err: Exception) -> int:
     return 2
 
 
+PREFECT_PROBE_TIMEOUT_S = 5.0  # a Prefect API that has not answered /health by then counts as down
+
+
+def _why_no_answer(err: BaseException) -> str:
+    """A few words for an httpx error talking to the Prefect API."""
+    import httpx
+
+    text = str(err)
+    if isinstance(err, httpx.TimeoutException):
+        return f"no answer within {PREFECT_PROBE_TIMEOUT_S:g} s"
+    if isinstance(err, httpx.ConnectError):
+        return "connection refused" if "refused" in text.lower() else f"cannot connect: {text}"
+    return f"{type(err).__name__}: {text}"
+
+
+def prefect_api_problem(attempts: int = 3, delay_s: float = 2.0) -> str | None:
+    """None when flows can start: ``PREFECT_API_URL`` unset (each run starts a temporary local server) or
+    its ``/health`` answers within ``PREFECT_PROBE_TIMEOUT_S``, tried ``attempts`` times (``delay_s``,
+    doubling); else one line naming the URL and the fix. Without this, Prefect's client retries an API that
+    is down for minutes before its own traceback."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return None
+    reason = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            response = httpx.get(f"{url.rstrip('/')}/health", timeout=PREFECT_PROBE_TIMEOUT_S)
+            if response.status_code == 200:
+                return None
+            reason = f"HTTP {response.status_code} from /health"
+        except httpx.HTTPError as err:
+            reason = _why_no_answer(err)
+        if attempt < attempts:
+            print(f"Prefect API at {url} unreachable ({reason}); retry {attempt}/{attempts - 1} in {delay_s:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay_s)
+            delay_s *= 2
+    return (f"Prefect API at {url} (PREFECT_API_URL) is unreachable ({reason}); tried {attempts} times; nothing "
+            f"was started: start it (`prefect server start`) or unset PREFECT_API_URL to run on a temporary local "
+            f"server, then run the same command again")
+
+
+def lost_prefect_api(err: BaseException) -> str | None:
+    """One line when ``err`` (or its cause chain) is the Prefect API not answering mid-run, else None. Prefect 3
+    sends task states as events, which it drops while the API is away, so the stages go on; the flow's own final
+    state is a request, which its client retries (about a minute per try), then raises."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    seen: set[int] = set()
+    while url and err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, httpx.TransportError):  # connect, read, timeout; httpx is Prefect's (MLflow: requests)
+            return (f"the Prefect API at {url} (PREFECT_API_URL) stopped answering during the run "
+                    f"({_why_no_answer(err)}); the stages "
+                    "that finished are committed in dvc.lock and logged in MLflow: when the API is back, run the same "
+                    "command (DVC skips those stages)")
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def run_flow_cli(name: str, run: Callable[[], object]) -> int:
-    """A flow started from its CLI: 0, or 1 and one line naming the failure (Prefect has logged the traceback)."""
+    """A flow started from its CLI: 0; 1 and one line naming the failure (Prefect has logged the traceback); or,
+    before anything starts, 1 and one line when the Prefect API the flow would report to is down."""
+    problem = prefect_api_problem()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
         run()
     except Exception as err:  # noqa: BLE001 - Prefect has logged the traceback already
+        lost = lost_prefect_api(err)
+        if lost is not None:
+            print(f"\nerror: {name}: {lost}", file=sys.stderr)
+            return 1
         print(f"\n{name} failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", file=sys.stderr)
         return 1
     return 0

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from prefdiff.catalog import BUILTIN_MODELS, BUILTIN_PREFIX, SCORER_ALIASES, SCORERS, TRAIN_METHODS
+from prefdiff.paths import LORA_WEIGHT_NAME
 
 
 class ParamsError(ValueError):
@@ -41,6 +42,7 @@ MAX_BATCH = 65_536  # items per micro-batch, or micro-batches per optimizer step
 MAX_PROMPTS = 1_000_000
 MAX_SEEDS_PER_PROMPT = 10_000
 MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
+MAX_PROCESSES = 4096  # training processes (GPUs over all nodes)
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -295,6 +297,9 @@ def moved_key_message(key: str, method: Any, prefix: str) -> str:
     return f"{prefix}.{key} moved to " + " / ".join(f"{prefix}.{p}" for p in chosen or places)
 
 
+EXECUTION_KEYS = {"num_processes"}  # train keys that change how a run executes, not its result
+
+
 class TrainParams(_Section):
     """The train section: keys every method shares, and one section of options per method.
 
@@ -320,7 +325,7 @@ class TrainParams(_Section):
     # scaler skips a few while it calibrates)
     max_nonfinite_steps: int = Field(10, ge=0, le=1_000_000)
     optimizer: Literal["adamw", "adafactor"] = "adamw"  # adafactor as the official SDXL run (no relative step)
-    scale_lr: bool = False  # lr x effective batch (batch_size x gradient_accumulation_steps x processes)
+    scale_lr: bool = False  # lr x the optimizer step's batch (batch_size x gradient_accumulation_steps)
     lr_warmup_fraction: float = Field(0.0, ge=0.0, lt=1.0)  # constant lr after a linear warmup over this share
     epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)  # training items (pairs, or images for ddpo) per micro-batch
@@ -337,6 +342,10 @@ class TrainParams(_Section):
     checkpoint_every: int = Field(50, ge=1, le=MAX_STEPS)  # optimizer steps between resumable checkpoints
     snapshot_every_epochs: int = Field(1, ge=1, le=MAX_EPOCHS)  # weight snapshots for the evaluate reward curve
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    # How the run executes, not what it computes (``EXECUTION_KEYS``): processes that share every micro-batch
+    # (the train stage relaunches itself under `accelerate launch` when > 1; the update equals one process's
+    # up to float summation order).
+    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
     d3po: D3POParams = D3POParams()
     diffusion_dpo: DiffusionDPOParams = DiffusionDPOParams()
     sft: SFTParams = SFTParams()
@@ -373,14 +382,23 @@ class TrainParams(_Section):
             raise ValueError("train.init_lora starts a LoRA; with train.finetune = 'full' set it to null")
         return self
 
+    @model_validator(mode="after")
+    def _every_process_has_rows(self) -> TrainParams:
+        if self.num_processes > self.batch_size:
+            raise ValueError(f"train.num_processes = {self.num_processes} > train.batch_size = {self.batch_size}: the "
+                             f"processes share each micro-batch of batch_size items, so some would idle; allowed: "
+                             f"batch_size >= num_processes (a multiple of it balances the work)")
+        return self
+
     @property
     def method_params(self) -> _Section:
         """The chosen method's section (``train.<method>``)."""
         return getattr(self, self.method) if self.method in METHOD_SECTIONS else NoMethodParams()
 
     def in_use(self) -> dict[str, Any]:
-        """The shared keys and the chosen method's section: all that changes what this run trains."""
-        shared = self.model_dump(exclude=set(METHOD_SECTIONS))
+        """The shared keys and the chosen method's section: all that changes what this run trains (not the
+        ``EXECUTION_KEYS``: a run may resume with another process count)."""
+        shared = self.model_dump(exclude=set(METHOD_SECTIONS) | EXECUTION_KEYS)
         return {**shared, self.method: self.method_params.model_dump()}
 
 
@@ -646,8 +664,9 @@ def _is_section(annotation: Any) -> bool:
 def check_files(params: Params, root: Path) -> None:
     """What params name on disk, read now rather than hours later: the prompt sets of ``sample`` and
     ``evaluate`` (a missing, empty, non-UTF-8 or unreadable file, a directory without prompt files) and their
-    ``num_prompts`` against the set's size. Relative paths are resolved against ``root`` (the workspace).
-    Raises ParamsError naming the key, the file and the fix."""
+    ``num_prompts`` against the set's size; the LoRA dirs of ``sample.lora`` and ``train.init_lora`` (the flows
+    write them before the stages run) and the ``evaluate.implicit_pairs`` dataset, by their files. Relative
+    paths are resolved against ``root`` (the workspace). Raises ParamsError naming the key, the file and the fix."""
     from prefdiff.prompts import PromptSetError, get_prompt_set
 
     for section in (params.sample, params.evaluate):
@@ -659,6 +678,23 @@ def check_files(params: Params, root: Path) -> None:
         if section.num_prompts is not None and section.num_prompts > len(prompts):
             raise ParamsError(f"{name}.num_prompts = {section.num_prompts}: prompt set {section.prompt_set!r} has "
                               f"only {len(prompts)} prompts; allowed: 1..{len(prompts)} or null (all)")
+    for key, value in (("sample.lora", params.sample.lora), ("train.init_lora", params.train.init_lora)):
+        if value is not None:
+            _check_named_dir(key, value, root, LORA_WEIGHT_NAME,
+                             "a diffusers-format LoRA dir (a train stage's models/trained) or null")
+    if params.evaluate.implicit_accuracy and params.evaluate.implicit_pairs is not None:
+        _check_named_dir("evaluate.implicit_pairs", params.evaluate.implicit_pairs, root, "index.json",
+                         "an image-pair preference dataset dir (an imported Pick-a-Pic split) or null (data/heldout)")
+
+
+def _check_named_dir(key: str, value: str, root: Path, required: str, allowed: str) -> None:
+    """A directory that params name, with the file ``required`` in it (relative paths under ``root``)."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else root / path
+    if not path.is_dir():
+        raise ParamsError(f"{key} = {value!r}: {path} is not a directory; allowed: {allowed}")
+    if not (path / required).is_file():
+        raise ParamsError(f"{key} = {value!r}: {path} has no {required}; allowed: {allowed}")
 
 
 _KEY_LINE = re.compile(r"(?P<indent>\s+)(?P<key>[A-Za-z_][\w-]*):(?P<space>\s*)(?P<value>[^#\s](?:[^#]*[^#\s])?)?"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # a diffusers-format LoRA dir's weights (prefdiff.models.lora)
 
 
 @dataclass(frozen=True)

@@ -10,22 +10,14 @@ reads sampled chains, so none are drawn: the directory then holds only ``not_sam
 
 from __future__ import annotations
 
-import sys
-
 from stages._common import load_or_exit, run_stage, say, tracked, workspace
 
 
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
-    from prefdiff.sampling.dataset import policy_lora_dir, sample_dataset
-
-    lora_dir = policy_lora_dir(params, paths.root)
-    if lora_dir is not None and not lora_dir.is_dir():
-        print(f"error: sample.lora = {params.sample.lora!r}: {lora_dir} is not a directory; allowed: null (the "
-              "base) or a diffusers-format LoRA dir such as models/policy", file=sys.stderr, flush=True)
-        raise SystemExit(2)
     from prefdiff.data.trajectories import TrajectoryStore, write_not_sampled
+    from prefdiff.sampling.dataset import sample_dataset
 
     with tracked("sample", params, paths, ("model", "sampling", "sample")) as log_metrics:
         if params.label.source == "pickapic":

@@ -4,10 +4,19 @@ Reads params ``model``, ``sampling``, ``train`` (its shared keys and ``train.<me
 writes ``models/trained`` (final LoRA, or the full UNet under ``unet/``, plus epoch snapshots),
 ``metrics/train.json``, ``plots/train.csv``; keeps resumable checkpoints in ``models/checkpoints``
 (persistent: an interrupted run resumes).
+
+``train.num_processes`` N > 1: the stage relaunches itself as N processes under ``accelerate launch`` (the
+command DVC runs stays ``python -m stages.train``); they share every micro-batch, and only the main process
+writes the outputs, the checkpoints and the MLflow entries. ``PREFDIFF_ACCELERATE_CONFIG`` names an accelerate
+config file to launch with (``deploy/accelerate/``: FSDP, several nodes).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from stages._common import load_or_exit, refuse, run_stage, say, tracked, workspace
@@ -26,12 +35,41 @@ def refusal(params: Params) -> str | None:
     return None
 
 
+ACCELERATE_CONFIG_ENV = "PREFDIFF_ACCELERATE_CONFIG"
+
+
+def launch_command(params: Params, environ=os.environ) -> list[str] | None:
+    """The command that reruns this stage as ``train.num_processes`` processes under ``accelerate launch``, or
+    None: train here (one process, or one of the launched ones: the launcher sets LOCAL_RANK in each)."""
+    n = params.train.num_processes
+    if n == 1 or "LOCAL_RANK" in environ:
+        return None
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
+    config = environ.get(ACCELERATE_CONFIG_ENV)
+    if config:  # its machines, FSDP or DeepSpeed settings; train.num_processes counts the processes of all nodes
+        cmd += ["--config_file", config]
+    else:  # one process per GPU (torchrun), or per CPU worker meeting over gloo when model.device is the CPU
+        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no",
+                "--mixed_precision", params.train.mixed_precision]
+    return cmd + ["-m", "stages.train"]
+
+
+@contextmanager
+def silent_run():
+    """What a process other than the main one has instead of an MLflow run: nothing is logged."""
+    yield None
+
+
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
     why = refusal(params)
     if why is not None:
         refuse(why)
+    launch = launch_command(params)
+    if launch is not None:
+        say(f"train: {params.train.num_processes} processes: {' '.join(launch[1:])}")
+        raise SystemExit(subprocess.run(launch, check=False).returncode)
     from prefdiff.data.preferences import PreferenceStore
     from prefdiff.data.trajectories import TrajectoryStore
 
@@ -43,10 +81,14 @@ def main() -> None:
         preferences.image_pairs(verify=False)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
     from prefdiff.training.fit import fit
+    from prefdiff.training.trainable import process_state
 
-    with tracked("train", params, paths, ("train",)) as log_metrics:
+    main_process = process_state(params).is_main_process
+    with tracked("train", params, paths, ("train",)) if main_process else silent_run() as log_metrics:
         summary = fit(params, trajectories_dir=paths.trajectories, preferences_dir=paths.preferences,
                       out_dir=paths.trained, checkpoint_dir=paths.checkpoints, log_metrics=log_metrics, progress=say)
+        if not main_process:
+            return
         paths.train_plot.parent.mkdir(parents=True, exist_ok=True)
         paths.train_metrics.parent.mkdir(parents=True, exist_ok=True)
         fields = list(summary.curve[0]) if summary.curve else ["step"]

@@ -68,6 +68,15 @@ def make_workspace(root: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+def dvc(ws: Path, *args: str) -> str:
+    """``dvc <args>`` in ``ws`` with this venv's dvc; its stdout + stderr. A non-zero exit fails the test with
+    the output's tail."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=ws, env=venv_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
 def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for subprocesses: this interpreter's bin first on PATH (so `python -m stages.x` finds deps)."""
     env = dict(os.environ)

@@ -147,6 +147,15 @@ def json_edit(change: Callable[[dict], object]) -> Callable[[bytes], bytes]:
     return edit
 
 
+def lora_dir_without_weights(relative: str, overrides: dict) -> Callable[[Path], None]:
+    """A directory with only a README where params name a LoRA (the repository's models/policy before a round)."""
+    def setup(ws: Path) -> None:
+        (ws / relative).mkdir(parents=True)
+        (ws / relative / "README.md").write_text("no LoRA yet")
+        set_param(overrides)(ws)
+    return setup
+
+
 def broken_pipeline(breakage: Callable[[Path], None]) -> Callable[[Path], None]:
     """A copy of the saved tiny pipeline (``tiny_pipeline_dir``) broken by ``breakage``, as model.source."""
     def setup(ws: Path) -> None:
@@ -305,6 +314,15 @@ CASES: list[Case] = [
     Case("`evaluate.num_prompts: 50` for a 3-prompt file", "every stage", "evaluate.num_prompts = 50: prompt set "
          "'file:prompts/three.txt' has only 3 prompts; allowed: 1..3 or null",
          prompt_file("three.txt", b"a\nb\nc\n", extra={"num_prompts": 50})),
+    # the LoRA dirs and image-pair datasets params name
+    Case("`sample.lora: models/missing`", "every stage", "models/missing is not a directory; allowed: a diffusers-format LoRA dir", set_param(
+        {"sample": {"lora": "models/missing"}})),
+    Case("`train.init_lora:` a directory without `pytorch_lora_weights.safetensors`", "every stage",
+         "models/policy has no pytorch_lora_weights.safetensors",
+         lora_dir_without_weights("models/policy", {"train": {"init_lora": "models/policy"}})),
+    Case("`evaluate.implicit_pairs: data/imports/test` (not there)", "every stage", "data/imports/test is not a "
+         "directory; allowed: an image-pair preference dataset dir",
+         set_param({"evaluate": {"implicit_pairs": "data/imports/test"}})),
     # the base model's files
     Case("`model.source:` a directory without `model_index.json`", "every stage", "is a local path but has no "
          "model_index.json", broken_pipeline(delete("model_index.json"))),

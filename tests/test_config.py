@@ -112,7 +112,7 @@ def test_diffusion_dpo_profiles_are_paper_faithful(name, optimizer, capsys):
     params = parse_params(merged(yaml.safe_load((repo / "params.yaml").read_text()), load_profile(name)))
     tp = params.train
     assert tp.method == "diffusion_dpo" and tp.diffusion_dpo.official_beta == 5000.0 and tp.finetune == "full"
-    assert effective_lr(tp, num_processes=1) == pytest.approx(2.048e-5)  # 1e-8 x 2048 pairs per step
+    assert effective_lr(tp) == pytest.approx(2.048e-5)  # 1e-8 x 2048 pairs per step
     assert tp.lr_warmup_fraction == 0.25 and tp.optimizer == optimizer and tp.method_params.empty_prompt_prob == 0.2
     assert params.label.source == "pickapic"
     assert main([name, "--params", str(repo / "params.yaml")]) == 0

@@ -11,16 +11,11 @@ import yaml
 from prefdiff.config import Params
 from prefdiff.paths import Paths
 
-from conftest import REPO, git, venv_env
+from conftest import REPO, dvc, git, venv_env
 
 DVC = str(Path(sys.executable).parent / "dvc")
 STAGES = ["sample", "label", "train", "heldout", "evaluate", "register"]
 
-
-def _dvc(ws: Path, *args: str) -> str:
-    proc = subprocess.run([DVC, *args], cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def test_dvc_yaml_matches_paths_params_and_code():
@@ -54,7 +49,7 @@ def test_dvc_yaml_matches_paths_params_and_code():
 
 def test_repro_runs_six_stages_then_is_a_noop_and_exp_run_reruns_downstream(tiny_workspace):
     ws = tiny_workspace
-    out = _dvc(ws, "repro")
+    out = dvc(ws, "repro")
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     assert ran == STAGES
     for path in ("data/trajectories/index.json", "data/preferences/pairs.jsonl",
@@ -83,13 +78,13 @@ def test_repro_runs_six_stages_then_is_a_noop_and_exp_run_reruns_downstream(tiny
     assert decision["version"] in ("1", 1) and decision["model_name"] == "prefdiff-d3po"
     assert decision["protocol"] == metrics["protocol_fingerprint"]
 
-    again = _dvc(ws, "repro")
+    again = dvc(ws, "repro")
     assert "Running stage" not in again
     assert all(f"'{s}' didn't change, skipping" in again for s in STAGES)
 
     git(ws, "add", "-A")
     git(ws, "commit", "-q", "-m", "round 1")
-    exp = _dvc(ws, "exp", "run", "-S", "train.lr=0.03")
+    exp = dvc(ws, "exp", "run", "-S", "train.lr=0.03")
     assert [s for s in STAGES if f"Running stage '{s}'" in exp] == ["train", "evaluate", "register"]
     assert yaml.safe_load((ws / "params.yaml").read_text())["train"]["lr"] == 0.03
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
@@ -117,7 +112,7 @@ def test_a_new_champion_makes_evaluate_out_of_date(tiny_workspace):
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     name = "prefdiff-d3po"
     assert resolve_baseline(ws, "champion", name)[0].kind == "base"  # none registered yet: the base stands in
-    out = _dvc(ws, "repro")
+    out = dvc(ws, "repro")
     assert "Running stage 'evaluate'" in out and _status(ws) == {}
     assert json.loads((ws / "metrics/eval.json").read_text())["baseline"] == "base"
 
@@ -130,7 +125,7 @@ def test_a_new_champion_makes_evaluate_out_of_date(tiny_workspace):
     assert set(status) == {"evaluate"}, status
     assert {"changed deps": {"registry/baseline.json": "modified"}} in status["evaluate"]
 
-    out = _dvc(ws, "repro", "evaluate")
+    out = dvc(ws, "repro", "evaluate")
     assert "Running stage 'evaluate'" in out
     evaluated = json.loads((ws / "metrics/eval.json").read_text())
     assert evaluated["baseline"] == f"champion v{v1.version}" and evaluated["baseline_version"] == int(v1.version)
@@ -148,7 +143,7 @@ def test_pickapic_source_samples_no_chains(tmp_path, mlflow_uri):
     ws = make_workspace(tmp_path / "ws", {"label": {"source": "pickapic"}, "sampling": {"num_steps": 4},
                                                "train": {"d3po": {"timestep_window": None}}})
     write_synthetic_pickapic(ws / "data/imports/part-0.parquet", default_rows())
-    out = _dvc(ws, "repro", "label")
+    out = dvc(ws, "repro", "label")
     assert [s for s in STAGES if f"Running stage '{s}'" in out] == ["sample", "label"]
     assert "sample: no trajectories sampled (label.source is 'pickapic'" in out
     assert sorted(p.name for p in (ws / "data/trajectories").iterdir()) == ["not_sampled.json"]
@@ -164,14 +159,14 @@ def test_pickapic_source_samples_no_chains(tmp_path, mlflow_uri):
 def test_train_stage_depends_on_the_chosen_methods_keys_only(tiny_workspace):
     """After a D3PO train stage, a DDPO key leaves it up to date; a D3PO key or the method does not."""
     ws = tiny_workspace
-    _dvc(ws, "repro", "train")
+    dvc(ws, "repro", "train")
 
     def train_status_after(**keys: dict) -> str:
         params = yaml.safe_load((ws / "params.yaml").read_text())
         for section, values in keys.items():
             params["train"][section].update(values)
         (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        return _dvc(ws, "status", "train")
+        return dvc(ws, "status", "train")
 
     assert "up to date" in train_status_after(ddpo={"clip_range": 0.002, "adv_clip_max": 3.0})
     assert "up to date" in train_status_after(diffusion_dpo={"beta": 100.0})

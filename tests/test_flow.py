@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_OVERRIDES, isolated_mlflow, make_workspace
+from conftest import REPO, TINY_OVERRIDES, dvc, git, isolated_mlflow, make_workspace
 
 from flows.round import (
     STAGES,
@@ -27,6 +27,7 @@ from flows.round import (
     file_metrics,
     is_transient_io_error,
     open_parent_run,
+    push_data,
     retry_on_io_error,
     run_stage,
     summarize,
@@ -89,6 +90,10 @@ def round1(prefect_harness, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round")
     with isolated_mlflow(f"sqlite:///{tmp}/mlflow.db") as uri:
         ws = make_workspace(tmp / "ws", TINY_OVERRIDES)
+        (ws / ".dvcignore").write_text((REPO / ".dvcignore").read_text())  # bytecode never enters a code dep's hash
+        dvc(ws, "remote", "add", "-d", "shared", str(tmp / "remote"))  # the round pushes to it
+        git(ws, "add", "-A")
+        git(ws, "commit", "-q", "-m", "a default DVC remote")
         state = preference_round(repo=str(ws), run_name="round-1", return_state=True)
         lock = (ws / "dvc.lock").read_bytes() if (ws / "dvc.lock").is_file() else b""
         yield Round(ws=ws, uri=uri, first_state=state, first_lock=lock, first_versions=_model_versions(uri))
@@ -182,6 +187,42 @@ def test_second_round_skips_every_stage_and_logs_metrics_from_files(round1):
     logs = _flow_run_logs(state.state_details.flow_run_id)
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change, skipping" in logs
+
+
+def test_the_round_pushes_to_the_dvc_remote_and_a_fresh_clone_pulls_to_a_noop(round1, tmp_path):
+    """After the round, the default remote holds every cached output: a clone of the committed workspace pulls
+    them and finds every stage up to date."""
+    result = round1.first_state.result()
+    assert result["push"]["remote"] == "shared" and result["push"]["pushed"], result["push"]
+    assert "DVC remote  : pushed to 'shared'" in summarize(result, round1.uri, EXPERIMENT)
+    ws = tmp_path / "committed"
+    shutil.copytree(round1.ws, ws, symlinks=True)
+    git(ws, "add", "-A")
+    git(ws, "commit", "-q", "-m", "round 1")
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(ws), str(clone))
+    assert not (clone / "data/trajectories").exists()
+    dvc(clone, "pull")  # from the remote only: the clone has an empty cache
+    for path in ("data/trajectories/index.json", "data/preferences/index.json", "metrics/eval.json",
+                 "models/trained/pytorch_lora_weights.safetensors"):
+        assert (clone / path).read_bytes() == (round1.ws / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in dvc(clone, "status")
+
+
+def test_a_remote_that_fails_is_retried_then_named_and_the_round_still_succeeds(round1, tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    shutil.copytree(round1.ws, ws, symlinks=True)
+    gone = tmp_path / "gone"
+    gone.write_text("a file where the remote directory should be")  # dvc push to it fails every time
+    dvc(ws, "remote", "add", "-f", "-d", "broken", str(gone))
+    monkeypatch.setattr("flows.round.PUSH_DELAY_S", 0.01)
+    pushed = push_data.fn(str(ws), "no-run")
+    assert pushed["remote"] == "broken" and not pushed["pushed"] and pushed["detail"], pushed
+    line = summarize({"push": pushed}, round1.uri, EXPERIMENT)
+    assert "DVC remote  : NOT pushed to 'broken'" in line and "run `dvc push` when it is reachable" in line
+    dvc(ws, "remote", "remove", "broken")
+    assert push_data.fn(str(ws), "no-run") == {"remote": None, "pushed": False,
+                                                "detail": "no default DVC remote (dvc remote add -d NAME URL)"}
 
 
 def test_stage_failure_fails_the_flow_naming_the_stage(round1, tmp_path):

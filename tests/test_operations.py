@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import REPO, git, isolated_mlflow, make_workspace, venv_env
+from conftest import REPO, dvc, git, isolated_mlflow, make_workspace, venv_env
 
 BIN = Path(sys.executable).parent
 
@@ -45,10 +46,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def server(cmd: list[str], health: str, cwd: Path, log: Path) -> Iterator[subprocess.Popen]:
+def server(cmd: list[str], health: str, cwd: Path, log: Path,
+           env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """``cmd`` running in its own process group until the block ends (then the whole group is stopped)."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=venv_env(), stdout=out, stderr=subprocess.STDOUT,
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or venv_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             wait_http(health, proc)
@@ -135,15 +137,6 @@ def test_mlflow_server_proxies_artifacts_and_stores_no_local_paths(tmp_path):
 
 # -- DVC: a local-directory remote -------------------------------------------------------------------------------
 
-DVC = str(BIN / "dvc")
-
-
-def _dvc(ws: Path, *args: str) -> str:
-    proc = subprocess.run([DVC, *args], cwd=ws, env=venv_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
 def test_dvc_remote_push_then_a_fresh_clone_pulls_and_repro_is_a_noop(tmp_path, mlflow_uri):
     """The round's first two stages (the project's own sample and label, tiny), pushed to a directory remote;
     a clone of the git repo pulls and finds every stage up to date: it re-runs nothing."""
@@ -155,13 +148,13 @@ def test_dvc_remote_push_then_a_fresh_clone_pulls_and_repro_is_a_noop(tmp_path, 
     (ws / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (ws / ".dvcignore").write_text((REPO / ".dvcignore").read_text())  # bytecode never enters a code dep's hash
     remote = tmp_path / "remote"
-    _dvc(ws, "remote", "add", "-d", "local", str(remote))
+    dvc(ws, "remote", "add", "-d", "local", str(remote))
     git(ws, "add", "-A")
     git(ws, "commit", "-q", "-m", "two stages, local remote")
 
-    ran = _dvc(ws, "repro")
+    ran = dvc(ws, "repro")
     assert "Running stage 'sample'" in ran and "Running stage 'label'" in ran
-    pushed = _dvc(ws, "push")
+    pushed = dvc(ws, "push")
     assert "pushed" in pushed and any(remote.rglob("*"))
     git(ws, "add", "-A")
     git(ws, "commit", "-q", "-m", "round")
@@ -169,11 +162,11 @@ def test_dvc_remote_push_then_a_fresh_clone_pulls_and_repro_is_a_noop(tmp_path, 
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(ws), str(clone))
     assert not (clone / "data/trajectories").exists()
-    _dvc(clone, "pull")
+    dvc(clone, "pull")
     for path in ("data/trajectories/index.json", "data/preferences/index.json"):
         assert (clone / path).read_bytes() == (ws / path).read_bytes(), path
-    assert "Data and pipelines are up to date" in _dvc(clone, "status")
-    again = _dvc(clone, "repro")
+    assert "Data and pipelines are up to date" in dvc(clone, "status")
+    again = dvc(clone, "repro")
     assert "Running stage" not in again
     assert "'sample' didn't change, skipping" in again and "'label' didn't change, skipping" in again
 
@@ -323,3 +316,70 @@ def tomllib_packages() -> set[str]:
 
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     return {p.rstrip("*") for p in include}
+
+
+# -- Prefect: an API that is down --------------------------------------------------------------------------------
+
+def test_a_prefect_api_that_goes_away_is_named_in_one_line_and_the_round_continues_once_it_is_back(tmp_path):
+    """A real `prefect server start` on loopback. Stopped during a round: the running stage finishes and is
+    committed, the command ends with one line naming PREFECT_API_URL. While it is down: the round's CLI stops
+    within seconds with one line, nothing started. Restarted on the same database: the round runs and DVC skips
+    the stage that finished."""
+    ws = make_workspace(tmp_path / "ws", {"model": {"source": "builtin:tiny-sd"}, "sampling": {"num_steps": 4},
+                                         "train": {"d3po": {"timestep_window": 2}},
+                                         "sample": {"num_prompts": 2, "groups_per_prompt": 1, "images_per_group": 2}})
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = venv_env({"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                    "PREFECT_CLIENT_MAX_RETRIES": "1",  # the client's own retries only add minutes here
+                    "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    start = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    round_cli = [sys.executable, "-m", "flows.round", "--repo", str(ws), "--stages", "sample"]
+    log = tmp_path / "prefect-server.log"
+
+    def runs() -> int:
+        with sqlite3.connect(tmp_path / "mlflow.db") as con:
+            return con.execute("select count(*) from runs").fetchone()[0]
+
+    with server(start, f"{api}/health", REPO, log, env) as api_server:
+        flow = subprocess.Popen(round_cli, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # Prefect's log lines go to stderr
+        assert flow.stdout is not None
+        lines, killed = [], False
+        for line in flow.stdout:
+            lines.append(line)
+            if "Running stage 'sample'" in line:
+                os.killpg(api_server.pid, 9)  # the API dies while the stage runs
+                api_server.wait(timeout=60)
+                killed = True
+                break
+        rest, _ = flow.communicate(timeout=900)
+        err = "".join(lines) + rest
+    assert killed and flow.returncode == 1, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error:")]  # Prefect's own warnings go on after it
+    assert len(ours) == 1 and re.fullmatch(
+        rf"error: d3po_round: the Prefect API at {re.escape(api)} \(PREFECT_API_URL\) stopped answering during the "
+        r"run \((connection refused|cannot connect: .*)\); the stages that finished are committed in dvc.lock and "
+        r"logged in MLflow: when the API is back, run the same command \(DVC skips those stages\)", ours[0]), err[-3000:]
+    lock = (ws / "dvc.lock").read_bytes()
+    assert b"data/trajectories" in lock  # the stage ran to its end and DVC committed it
+    assert runs() == 1
+
+    began = time.time()
+    down = subprocess.run(round_cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.time() - began
+    errors = [line for line in down.stderr.splitlines() if line.startswith("error:")]
+    assert down.returncode == 1, down.stdout[-3000:] + down.stderr[-3000:]
+    assert errors == [f"error: Prefect API at {api} (PREFECT_API_URL) is unreachable (connection refused); tried 3 "
+                      "times; nothing was started: start it (`prefect server start`) or unset PREFECT_API_URL to run on "
+                      "a temporary local server, then run the same command again"], down.stderr
+    assert "Traceback" not in down.stdout + down.stderr
+    assert seconds < 60, f"took {seconds:.0f} s to give up (3 probes, 2 s and 4 s apart, plus Python start-up)"
+    assert runs() == 1 and (ws / "dvc.lock").read_bytes() == lock  # nothing started
+
+    with server(start, f"{api}/health", REPO, log, env):
+        back = subprocess.run(round_cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+        assert "Stage 'sample' didn't change, skipping" in back.stdout + back.stderr
+    assert runs() == 2

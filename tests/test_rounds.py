@@ -180,8 +180,8 @@ def test_the_sample_stage_refuses_a_missing_lora_in_one_line(tmp_path):
                           env=venv_env({"PYTHONPATH": str(REPO)}), timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"error: sample.lora = 'models/nowhere': {tmp_path}/models/nowhere is not a directory; allowed: null (the "
-        "base) or a diffusers-format LoRA dir such as models/policy"]
+        f"error: sample.lora = 'models/nowhere': {tmp_path}/models/nowhere is not a directory; allowed: a "
+        "diffusers-format LoRA dir (a train stage's models/trained) or null"]
     assert not (tmp_path / "data").exists()
 
 

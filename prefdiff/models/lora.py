@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from prefdiff.paths import LORA_WEIGHT_NAME
+
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER = "default"
 
 

@@ -78,17 +78,25 @@ def _run_chain(pipe, prompts: list[str], x_T: torch.Tensor, z: torch.Tensor, cfg
     cond = encode_prompts(pipe, prompts)
     uncond = encode_prompts(pipe, [""]).expand_as(cond)
     x = x_T.to(device, torch.float32)
-    chain, log_probs = [x.cpu()], []
+    z = z.to(device)
+    # The chain stays on the device until the batch ends (one copy back, no wait for the device per step); a
+    # non-finite step is found after the loop, and the first one is rerun for its message.
+    chain, log_probs = [x], []
     for j, t in enumerate(scheduler.timesteps):
         t_batch = t.expand(x.shape[0])
         eps = guided_noise_pred(unet, x, t_batch, cond, uncond, cfg.guidance_scale)
-        step = ddim_step_with_logprob(scheduler, eps, t_batch, x, eta=cfg.eta, noise=z[:, j].to(device))
-        if not torch.isfinite(step.log_prob).all():
-            raise NumericsError(non_finite_step_message(j, len(scheduler.timesteps), int(t), eps, unet.dtype))
+        step = ddim_step_with_logprob(scheduler, eps, t_batch, x, eta=cfg.eta, noise=z[:, j])
         x = step.prev_sample
-        chain.append(x.cpu())
-        log_probs.append(step.log_prob.cpu())
-    return torch.stack(chain, dim=1), torch.stack(log_probs, dim=1), scheduler.timesteps.cpu().long()
+        chain.append(x)
+        log_probs.append(step.log_prob)
+    log_probs = torch.stack(log_probs, dim=1)  # [B, T]
+    finite = torch.isfinite(log_probs).all(dim=0).cpu()
+    if not finite.all():
+        j = int((~finite).nonzero()[0])
+        t = scheduler.timesteps[j]
+        eps = guided_noise_pred(unet, chain[j], t.expand(x.shape[0]), cond, uncond, cfg.guidance_scale)
+        raise NumericsError(non_finite_step_message(j, len(scheduler.timesteps), int(t), eps, unet.dtype))
+    return torch.stack(chain, dim=1).cpu(), log_probs.cpu(), scheduler.timesteps.cpu().long()
 
 
 def sample_groups(

@@ -15,8 +15,12 @@ same for every method:
 - every unit back-propagates loss / (units in this optimizer step), as the official D3PO loop accumulates
   over T x gradient accumulation; gradients are all-reduced only on the step's last backward
   (``accelerator.no_sync``); then the gradient norm is clipped and the optimizer steps;
+- processes (``accelerate launch``, ``train.num_processes``): every process walks the same micro-batches and
+  draws and computes its contiguous share of each micro-batch's rows (``accumulate``), so N processes make the
+  update one process makes on the same batch; only the main process writes checkpoints, snapshots and
+  ``out_dir`` and logs; every process reads the checkpoint it resumes from;
 - logging: per optimizer step the mean of each of the method's ``metrics`` over its units (a curve row,
-  MLflow, ``progress``);
+  MLflow, ``progress``), kept on the device and read once per step with the gradient norm;
 - checkpoints (weights, optimizer, position, the method's precomputed tensors, the curve) every
   ``checkpoint_every`` steps, valid only for the same inputs. A run with the same inputs resumes from one
   and ends where an uninterrupted run does: every random draw is a pure function of (seed, epoch, batch);
@@ -51,7 +55,11 @@ from prefdiff.progress import above_bars, progress_bar
 from prefdiff.sampling.guards import NumericsError, memory_knobs
 from prefdiff.sampling.guidance import Conditioning, encode_prompts
 from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
-from prefdiff.training.trainable import TrainableUNet
+from prefdiff.training.trainable import TrainableUNet, process_state
+
+
+def _silent(_: str) -> None:
+    """The progress of every process but the main one."""
 
 
 def rng(*key: int) -> torch.Generator:
@@ -87,12 +95,30 @@ class PromptTable:
 
 @dataclass(frozen=True)
 class Unit:
-    """What one backward trains on: a micro-batch of items, its generator and, for timestep methods, the
-    denoising step of each item."""
+    """What one backward trains on: this process's share of a micro-batch, the micro-batch's generator and, for
+    timestep methods, the denoising step of each item.
 
-    rows: torch.Tensor  # [b] item indices
+    With N processes (``accelerate launch``) every process walks the same micro-batches and draws; process r
+    computes only its contiguous share of each micro-batch's rows. A method whose random draws or batch
+    statistics span the whole micro-batch (the image methods' noise, the reward-weighted softmax) builds them
+    from ``micro_batch`` and keeps the rows at ``share`` (``own``), so N processes train on the draws one does.
+    """
+
+    rows: torch.Tensor  # [b_r] item indices of this process's share
     generator: torch.Generator  # seeded by (train.seed, epoch, batch index)
-    step_index: torch.Tensor | None  # [b] step index into the trajectory per item (timestep methods), else None
+    step_index: torch.Tensor | None  # [b_r] step index into the trajectory per item (timestep methods), else None
+    micro_batch: torch.Tensor  # [b] the whole micro-batch's item indices, every process's rows
+    share: torch.Tensor  # [b_r] positions of ``rows`` in ``micro_batch``
+    # True: this process has no rows of the micro-batch but must run the step's all-reducing last backward; it
+    # trains the micro-batch's first row with weight 0
+    padding: bool = False
+
+    def own(self, tensor: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """This share's rows of a tensor laid out as ``copies`` blocks of the whole micro-batch ([copies x b, ...],
+        e.g. winners then losers); the result keeps the block layout: [copies x b_r, ...]."""
+        b = len(self.micro_batch)
+        index = torch.cat([self.share + k * b for k in range(copies)]).to(tensor.device)
+        return tensor[index]
 
 
 @dataclass(frozen=True)
@@ -111,7 +137,9 @@ class Method:
 
     A subclass declares the data it needs (``data``), what it logs (``metrics``, means over an optimizer
     step's units, "loss" first) and whether the reference is a frozen copy of the starting UNet; its
-    constructor loads its ``items`` from the context; ``loss`` returns the loss of one unit with its metrics.
+    constructor loads its ``items`` from the context; ``loss`` returns the loss of one unit (the mean over the
+    unit's ``rows``: ``fit`` weights each process's share by its size) with its metrics as 0-dim tensors (means
+    over the same rows; left on the device: ``fit`` reads them once per optimizer step).
     ``timestep_fraction`` set (not None) makes it a timestep method (see ``Unit``); ``timestep_window`` N limits
     its steps to the chain's first N (None: all of them). ``precompute`` runs once
     before the first update; ``fit`` stores its tensors with every checkpoint and sets ``precomputed`` to
@@ -137,7 +165,7 @@ class Method:
         """The method's options for the start-of-run line."""
         return ""
 
-    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
 
@@ -209,6 +237,11 @@ def backwards_before(step: int, items: int, tp: TrainParams, units: int) -> int:
     return (epochs * batches + min(batches, rest * tp.gradient_accumulation_steps)) * units
 
 
+def shares(items: int, processes: int) -> list[torch.Tensor]:
+    """Positions of each process's rows in a micro-batch of ``items``: contiguous, sizes differ by at most one."""
+    return list(torch.tensor_split(torch.arange(items), processes))
+
+
 def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
                timesteps: tuple[int, int] | None, on_backward: Callable[[], None] = lambda: None) -> StepResult:
     """Back-propagate every unit of one optimizer step, then step (unless a loss or the gradient is not finite).
@@ -216,31 +249,52 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
     ``timesteps``: (W, steps trained per item) for a timestep method, else None: each item trains that many
     steps of a random permutation of the chain's first W steps (W = T: any step, as the official code).
     ``on_backward`` runs after every backward (the progress bar).
+
+    N processes: each computes its share (``shares``) of every micro-batch. A share's loss is the mean over its
+    b_r rows; it back-propagates loss x (b_r / b) x N / (units in the step): DDP averages the gradients over the
+    N processes on the step's last backward, so the update is the one process's on the whole micro-batch (the
+    mean over all b rows), up to the order of the float sums. Metrics and the count of non-finite losses stay
+    on the device, weighted the same way, summed over processes and read once with the gradient norm: the
+    inner loop never waits for the device.
     """
+    acc = model.accelerator
+    rank, processes = acc.process_index, acc.num_processes
     units = 1 if timesteps is None else timesteps[1]
     backwards, count = len(plan.micro_batches) * units, 0
-    sums = dict.fromkeys(method.metrics, 0.0)
-    loss_finite = True
-    for b_index, rows in plan.micro_batches:
+    totals = torch.zeros(len(method.metrics) + 1, device=model.device)  # [metric sums..., non-finite losses]
+    for b_index, micro in plan.micro_batches:
         generator = rng(seed, plan.epoch, b_index)
         if timesteps is None:
             steps: list[torch.Tensor | None] = [None]
-        else:
-            perms = torch.stack([torch.randperm(timesteps[0], generator=generator) for _ in range(len(rows))])
+        else:  # drawn for the whole micro-batch, so every process draws the same
+            perms = torch.stack([torch.randperm(timesteps[0], generator=generator) for _ in range(len(micro))])
             steps = list(perms[:, :units].T)  # per unit [b]: one step per item, shared by a pair's images
+        share = shares(len(micro), processes)[rank]
         for step_index in steps:
             count += 1
-            sync = nullcontext() if count == backwards else model.accelerator.no_sync(model.unet)
-            with sync:
-                loss, metrics = method.loss(Unit(rows, generator, step_index))
-                loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
-                model.accelerator.backward(loss / backwards)
-            for key in sums:
-                sums[key] += metrics[key]
+            last = count == backwards
+            if len(share) == 0 and not last:  # fewer rows than processes: nothing of this unit here
+                on_backward()
+                continue
+            # The last backward all-reduces, so every process runs it: an empty share trains one row with weight 0.
+            weight, mine = (len(share) / len(micro), share) if len(share) else (0.0, torch.arange(1))
+            unit = Unit(micro[mine], generator, None if step_index is None else step_index[mine], micro, mine,
+                        padding=not weight)
+            with nullcontext() if last else acc.no_sync(model.unet):
+                loss, metrics = method.loss(unit)
+                acc.backward(loss * (weight * processes) / backwards)
+            if weight:
+                values = [torch.as_tensor(metrics[k], dtype=torch.float32, device=model.device).detach() * weight
+                          for k in method.metrics]
+                totals += torch.stack([*values, (~torch.isfinite(loss.detach())).any().float()])
             on_backward()
-    grad_norm = model.optimizer_step(loss_finite)
-    return StepResult({k: v / count for k, v in sums.items()}, grad_norm,
-                      skipped=not (loss_finite and math.isfinite(grad_norm)))
+    if processes > 1:
+        totals = acc.reduce(totals, reduction="sum")
+    grad_norm = model.clip_gradients()
+    *sums, nonfinite, norm = torch.cat([totals, grad_norm.detach().float().reshape(1).to(totals.device)]).tolist()
+    skipped = nonfinite > 0 or not math.isfinite(norm)
+    model.optimizer_step(take=not skipped)
+    return StepResult({k: v / count for k, v in zip(method.metrics, sums)}, norm, skipped=skipped)
 
 
 def inputs_fingerprint(params: Params, preferences: PreferenceStore, trajectories: TrajectoryStore | None) -> str:
@@ -378,11 +432,18 @@ def fit(
     """
     tp, name = params.train, params.train.method
     method_cls: type[Method] = resolve(TRAIN_METHODS[name])
+    main = process_state(params).is_main_process
+    if not main:  # one process speaks: the others train the same steps silently
+        progress = _silent
     preferences, trajectories = _open_data(method_cls, name, trajectories_dir, preferences_dir)
     with memory_knobs("while loading the model and the training data", [dtype_knob(params.model.dtype)]):
         if model is None:
             model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=progress)
         method = method_cls(FitContext(params, model, preferences, trajectories, progress))
+    processes = model.accelerator.num_processes  # launched by hand (several nodes), it may differ from the param
+    if processes > tp.batch_size:
+        raise ValueError(f"{processes} processes share micro-batches of train.batch_size = {tp.batch_size} items, so "
+                         f"some would idle; allowed: train.batch_size >= the process count (a multiple of it)")
     _, per_epoch = steps_per_epoch(method.items, tp)
     total_steps = per_epoch * tp.epochs
     timesteps = None
@@ -400,13 +461,15 @@ def fit(
     fingerprint = inputs_fingerprint(params, preferences, trajectories)
     state_dir, snapshot_dir = checkpoint_dir / "state", checkpoint_dir / "snapshots"
     saved = load_checkpoint(state_dir, fingerprint)
+    model.accelerator.wait_for_everyone()  # every process has read the checkpoint before the main one may remove it
     if saved is not None:
         model.load_weights(saved.weights)
         model.optimizer.load_state_dict(saved.optimizer)
         curve, start_step, method.precomputed = saved.curve, saved.step, saved.precomputed
         progress(f"resuming from checkpoint at optimizer step {start_step}/{total_steps}")
     else:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a stale run's state and snapshots
+        if main:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a stale run's state and snapshots
         curve, start_step = [], 0
         with memory_knobs("in the reference log-prob pass", [dtype_knob(params.model.dtype)]):
             method.precomputed = method.precompute()
@@ -432,7 +495,7 @@ def fit(
     start_weights = model.weights()  # the update norm of this call: did training change the policy at all?
     units = 1 if timesteps is None else timesteps[1]
     bar = progress_bar(desc=f"train {name}", total=backwards_before(total_steps, method.items, tp, units),
-                       unit="backward", initial=backwards_before(start_step, method.items, tp, units))
+                       unit="backward", initial=backwards_before(start_step, method.items, tp, units), disable=not main)
     skipped = nonfinite_steps(curve)  # a resumed run's curve counts its earlier skipped steps
     with bar, memory_knobs("while training", training_memory_knobs(params)):
         for plan in plan_steps(method.items, tp, start_step):
@@ -441,7 +504,7 @@ def fit(
             epoch = plan.epoch + 1
             curve.append({"step": plan.step, "epoch": epoch, **step.means, "lr": lr, "grad_norm": step.grad_norm,
                           "skipped": int(step.skipped)})
-            if log_metrics is not None:
+            if log_metrics is not None and main:
                 log_metrics({f"train/{k}": v for k, v in step.means.items()} | {"train/grad_norm": step.grad_norm},
                             plan.step)
             skipped += int(step.skipped)
@@ -453,15 +516,16 @@ def fit(
             bar.set_postfix_str(f"step {plan.step}/{total_steps} loss {step.means['loss']:.5g}", refresh=False)
             if skipped > tp.max_nonfinite_steps:
                 raise NumericsError(too_many_nonfinite(params, plan.step, total_steps, step, curve))
-            if snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
+            if main and snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
                 with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
                     model.save(tmp)
             interrupted = stop_after_steps is not None and plan.step - start_step >= stop_after_steps
-            if plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted:
+            if main and (plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted):
                 save_checkpoint(state_dir, fingerprint=fingerprint, step=plan.step, weights=model.weights(),
                                 optimizer_state=model.optimizer.state_dict(), precomputed=method.precomputed,
                                 curve=curve)
             if interrupted:
+                model.accelerator.wait_for_everyone()  # the checkpoint is written when any process returns
                 return summary(plan.step)
     done = summary(total_steps)
     why = did_not_learn(params, curve, done.extra["update_norm"], steps_this_call=total_steps - start_step)
@@ -469,10 +533,12 @@ def fit(
         raise NumericsError(why)
     # The final weights at the top of out_dir, the epoch snapshots below them, written as one unit so a
     # crash never leaves a partial dir.
-    with atomic_dir(out_dir) as tmp:
-        model.save(tmp)
-        if snapshot_dir.is_dir():
-            shutil.copytree(snapshot_dir, tmp / "snapshots")
+    if main:
+        with atomic_dir(out_dir) as tmp:
+            model.save(tmp)
+            if snapshot_dir.is_dir():
+                shutil.copytree(snapshot_dir, tmp / "snapshots")
+    model.accelerator.wait_for_everyone()  # out_dir is complete when any process returns
     return done
 
 

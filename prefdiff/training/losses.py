@@ -191,6 +191,7 @@ def reward_weighted_loss(
     *,
     temperature: float = 1.0,
     normalize: str = "softmax",
+    rows: torch.Tensor | None = None,
 ) -> RewardWeightedOutput:
     """The "Reward Weighted" baseline (Lee et al. 2023, [34] in the D3PO paper): reward-weighted denoising.
 
@@ -204,7 +205,17 @@ def reward_weighted_loss(
             loss keeps the scale of plain MSE and only the rewards' differences matter); "none": w = r,
             which must be >= 0 (a negative weight would push the model AWAY from fitting that image, i.e.
             maximise its denoising error without bound).
+        rows: the positions of ``model_mse``'s images among the N rewards (one process's share of a batch: the
+            weights are normalised over all N, the loss is the mean over these rows; ``weights`` theirs). None:
+            all N.
     """
+    if rows is not None:
+        full = reward_weighted_loss(torch.zeros_like(rewards, dtype=torch.float32), rewards, temperature=temperature,
+                                    normalize=normalize)
+        weights = full.weights[rows.to(full.weights.device)]
+        if model_mse.shape != weights.shape:
+            raise ValueError(f"model_mse {tuple(model_mse.shape)} must be [len(rows)] = [{len(rows)}]")
+        return RewardWeightedOutput(loss=(weights * model_mse.float()).mean(), weights=weights)
     if model_mse.dim() != 1 or rewards.shape != model_mse.shape:
         raise ValueError(f"model_mse {tuple(model_mse.shape)} and rewards {tuple(rewards.shape)} must both be [N]")
     r = rewards.detach().float()

@@ -30,11 +30,14 @@ from prefdiff.models import lora
 from prefdiff.models.finetuned import FULL_UNET_DIR
 
 
-def effective_lr(tp: TrainParams, num_processes: int) -> float:
-    """train.lr, times the effective batch when ``scale_lr`` (official Diffusion-DPO ``--scale_lr``)."""
+def effective_lr(tp: TrainParams) -> float:
+    """train.lr, times the optimizer step's batch when ``scale_lr`` (official Diffusion-DPO ``--scale_lr``).
+
+    The step's batch is batch_size x gradient_accumulation_steps items whatever the process count: processes
+    share each micro-batch (``fit.accumulate``), so the official 16 GPUs x 1 x 128 is batch_size 16 x 128 here."""
     if not tp.scale_lr:
         return tp.lr
-    return tp.lr * tp.batch_size * tp.gradient_accumulation_steps * num_processes
+    return tp.lr * tp.batch_size * tp.gradient_accumulation_steps
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -47,6 +50,18 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 
 def warmup_steps(tp: TrainParams, total_steps: int) -> int:
     return math.ceil(tp.lr_warmup_fraction * total_steps)
+
+
+def process_state(params: Params):
+    """accelerate's state of this process (``process_index``, ``num_processes``, ``is_main_process``, ``device``):
+    the only process, or one of ``accelerate launch``'s. Made once per process, from ``model.device``: on the CPU
+    the processes meet over gloo (accelerate's MULTI_CPU needs its cpu flag; without it each launched process
+    would train alone), else on the launcher's GPU of each process."""
+    from accelerate import PartialState
+
+    from prefdiff.models.loading import resolve_device
+
+    return PartialState(cpu=resolve_device(params.model.device).type == "cpu")
 
 
 def make_optimizer(tp: TrainParams, trainable: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -72,9 +87,11 @@ class TrainableUNet:
 
         tp = params.train
         self.tp = tp
-        self.accelerator = Accelerator(mixed_precision=tp.mixed_precision)
+        self.accelerator = Accelerator(mixed_precision=tp.mixed_precision, cpu=process_state(params).device.type == "cpu")
         if pipe is None:
-            pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=str(self.accelerator.device),
+            device = self.accelerator.device  # a launched CPU process's is "cpu:0", which model.device does not name
+            pipe = load_pipeline(params.model.source, dtype=params.model.dtype,
+                                 device="cpu" if device.type == "cpu" else str(device),
                                  revision=params.model.revision)
         self.pipe = pipe.to(self.accelerator.device)
         unet = self.pipe.unet
@@ -100,7 +117,7 @@ class TrainableUNet:
             unet.train()  # diffusers checkpoints activations only in training mode (the UNet has no dropout)
         self.trainable = trainable
         self.num_trainable = sum(p.numel() for p in trainable)
-        self.base_lr = effective_lr(tp, self.accelerator.num_processes)
+        self.base_lr = effective_lr(tp)
         optimizer = make_optimizer(tp, trainable, self.base_lr)
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
@@ -155,19 +172,21 @@ class TrainableUNet:
             group["lr"] = lr
         return lr
 
-    def optimizer_step(self, loss_finite: bool = True) -> float:
-        """Clip the gradients and step, unless the loss or the gradient norm is not finite; returns the gradient
-        norm before clipping.
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to ``max_grad_norm``; returns their norm before clipping as a device tensor (the
+        caller reads it with the step's metrics, in one transfer)."""
+        return torch.as_tensor(self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm))
+
+    def optimizer_step(self, *, take: bool) -> None:
+        """Step unless ``take`` is False (a non-finite loss or gradient norm), then zero the gradients.
 
         Skipped because clipping by an infinite norm zeroes every gradient (an overflow silently becomes "no
         update") and a NaN one spreads to every weight. Under fp16 mixed precision the grad scaler gets every
         step call: it skips a step with non-finite gradients itself and lowers its scale.
         """
-        norm = float(self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm))
-        if self.accelerator.scaler is not None or (loss_finite and math.isfinite(norm)):
+        if self.accelerator.scaler is not None or take:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
 
     def save(self, out_dir: Path) -> None:
         """Write the trained weights into ``out_dir`` (a LoRA, or the full UNet under ``unet/``)."""
@@ -177,4 +196,4 @@ class TrainableUNet:
             self.raw_unet.save_pretrained(out_dir / FULL_UNET_DIR, safe_serialization=True)
 
 
-__all__ = ["TrainableUNet", "effective_lr", "lr_at"]
+__all__ = ["TrainableUNet", "effective_lr", "lr_at", "process_state"]

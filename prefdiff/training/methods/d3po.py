@@ -63,7 +63,7 @@ class D3PO(Method):
     def describe(self) -> str:
         return f"beta {self.options.beta:g}, clip_eps {self.options.clip_eps:g}"
 
-    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model, idx = self.ctx.model, unit.step_index  # idx [b]: one step per pair, shared by winner and loser
         w, l = self.winners[unit.rows], self.losers[unit.rows]
         b = len(unit.rows)
@@ -75,4 +75,4 @@ class D3PO(Method):
         ref = torch.stack([ref_logp[w, idx], ref_logp[l, idx]], dim=1).to(model.device)
         out = d3po_loss(policy, ref, torch.ones(b, device=model.device), beta=self.options.beta,
                         clip_eps=self.options.clip_eps)
-        return out.loss, {k: float(getattr(out, k).detach()) for k in self.metrics}
+        return out.loss, {k: getattr(out, k).detach() for k in self.metrics}

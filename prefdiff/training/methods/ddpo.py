@@ -43,9 +43,9 @@ class DDPO(Method):
     def describe(self) -> str:
         return f"clip_range {self.options.clip_range:g}, adv_clip_max {self.options.adv_clip_max:g}"
 
-    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model, rows, idx = self.ctx.model, unit.rows, unit.step_index
         logp = self.images.log_probs(model.unet, model.pipe.scheduler, rows, idx, self.ctx.params.sampling)
         out = ddpo_loss(logp, self.images.sampled_logp[rows, idx].to(logp.device), self.advantages[rows].to(logp.device),
                         clip_range=self.options.clip_range, adv_clip_max=self.options.adv_clip_max)
-        return out.loss, {k: float(getattr(out, k).detach()) for k in self.metrics}
+        return out.loss, {k: getattr(out, k).detach() for k in self.metrics}

@@ -11,6 +11,7 @@ import torch
 
 from prefdiff.training.fit import Unit
 from prefdiff.training.images import ImagePairMethod
+from prefdiff.training.methods.shares import own_batch
 from prefdiff.training.losses import diffusion_dpo_loss
 
 
@@ -21,11 +22,11 @@ class DiffusionDPO(ImagePairMethod):
     def describe(self) -> str:
         return f"beta {self.ctx.params.train.method_params.official_beta:g} (official convention)"
 
-    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, float]]:
-        model, batch, b = self.ctx.model, self.batch(unit), len(unit.rows)
+    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model, batch, b = self.ctx.model, own_batch(self, unit), len(unit.rows)
         mse = self.mse(model.unet, batch)  # [2B]: winners, then losers
         with model.reference() as ref_unet:
             ref_mse = self.mse(ref_unet, batch)
         out = diffusion_dpo_loss(mse[:b], mse[b:], ref_mse[:b], ref_mse[b:],
                                  beta=self.ctx.params.train.method_params.official_beta)
-        return out.loss, {k: float(getattr(out, k).detach()) for k in self.metrics}
+        return out.loss, {k: getattr(out, k).detach() for k in self.metrics}

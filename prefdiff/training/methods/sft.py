@@ -6,6 +6,7 @@ import torch
 
 from prefdiff.training.fit import Unit
 from prefdiff.training.images import ImagePairMethod
+from prefdiff.training.methods.shares import own_batch
 from prefdiff.training.losses import sft_loss
 
 
@@ -13,7 +14,7 @@ class SFT(ImagePairMethod):
     metrics = ("loss", "model_mse")
     both = False
 
-    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, float]]:
-        mse = self.mse(self.ctx.model.unet, self.batch(unit))  # [B] winners only
+    def loss(self, unit: Unit) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mse = self.mse(self.ctx.model.unet, own_batch(self, unit))  # [b] winners only
         loss = sft_loss(mse)
-        return loss, {"loss": float(loss.detach()), "model_mse": float(mse.detach().mean())}
+        return loss, {"loss": loss.detach(), "model_mse": mse.detach().mean()}
