@@ -42,7 +42,8 @@ MAX_BATCH = 65_536  # items per micro-batch, or micro-batches per optimizer step
 MAX_PROMPTS = 1_000_000
 MAX_SEEDS_PER_PROMPT = 10_000
 MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
-MAX_PROCESSES = 4096  # training processes (GPUs over all nodes)
+MAX_PROCESSES = 4096  # processes of one training or sampling run (GPUs over all nodes)
+EXECUTION_KEYS = {"num_processes"}  # train / sample keys that change how a run executes, not its result
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -116,6 +117,14 @@ class SampleParams(_Section):
     # round r samples from round r-1's policy (D3PO Algorithm 1). The rounds stage ignores it: its round r
     # samples from its own round r-1.
     lora: str | None = Field(None, min_length=1)
+    # How the run executes, not what it samples (``EXECUTION_KEYS``): processes that share the prompt groups (the
+    # sample stage relaunches itself under `accelerate launch` when > 1; the dataset is the one process's, byte
+    # for byte). Not a DVC param of the stage.
+    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
+
+    def in_use(self) -> dict[str, Any]:
+        """The keys that change what is sampled (not the ``EXECUTION_KEYS``): the dataset's index records these."""
+        return self.model_dump(exclude=EXECUTION_KEYS)
 
     @field_validator("prompt_set")
     @classmethod
@@ -295,9 +304,6 @@ def moved_key_message(key: str, method: Any, prefix: str) -> str:
     places = MOVED_TRAIN_KEYS[key]
     chosen = [p for p in places if p.split(".")[0] == method]
     return f"{prefix}.{key} moved to " + " / ".join(f"{prefix}.{p}" for p in chosen or places)
-
-
-EXECUTION_KEYS = {"num_processes"}  # train keys that change how a run executes, not its result
 
 
 class TrainParams(_Section):

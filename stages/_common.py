@@ -10,9 +10,11 @@ line and exit status 2 (``run_stage``), never a traceback.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
@@ -133,3 +135,32 @@ def tracked(stage: str, params: Params, paths: Paths, sections: tuple[str, ...])
 
 def workspace() -> Paths:
     return Paths(Path.cwd())
+
+
+ACCELERATE_CONFIG_ENV = "PREFDIFF_ACCELERATE_CONFIG"
+
+
+def launch_command(stage: str, processes: int, *, mixed_precision: str = "no",
+                   environ: Mapping[str, str] = os.environ) -> list[str] | None:
+    """The command that reruns ``stages.<stage>`` as ``processes`` processes under ``accelerate launch``, or None:
+    work here (one process, or one of the launched ones: the launcher sets LOCAL_RANK in each)."""
+    if processes == 1 or "LOCAL_RANK" in environ:
+        return None
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    config = environ.get(ACCELERATE_CONFIG_ENV)
+    if config:  # its machines, FSDP or DeepSpeed settings; the process count is that of all nodes
+        cmd += ["--config_file", config]
+    else:  # one process per GPU (torchrun), or per CPU worker meeting over gloo when model.device is the CPU
+        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", mixed_precision]
+    return cmd + ["-m", f"stages.{stage}"]
+
+
+def relaunch(stage: str, processes: int, *, mixed_precision: str = "no") -> None:
+    """With ``processes`` > 1 and no launcher yet: run this stage as that many processes under ``accelerate
+    launch`` and exit with their status (the command DVC runs stays ``python -m stages.<stage>``); else return,
+    and this process does the work."""
+    launch = launch_command(stage, processes, mixed_precision=mixed_precision)
+    if launch is not None:
+        say(f"{stage}: {processes} processes: {' '.join(launch[1:])}")
+        raise SystemExit(subprocess.run(launch, check=False).returncode)
+

@@ -13,13 +13,10 @@ config file to launch with (``deploy/accelerate/``: FSDP, several nodes).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from stages._common import load_or_exit, refuse, run_stage, say, tracked, workspace
+from stages._common import load_or_exit, refuse, relaunch, run_stage, say, tracked, workspace
 
 if TYPE_CHECKING:
     from prefdiff.config import Params
@@ -35,25 +32,6 @@ def refusal(params: Params) -> str | None:
     return None
 
 
-ACCELERATE_CONFIG_ENV = "PREFDIFF_ACCELERATE_CONFIG"
-
-
-def launch_command(params: Params, environ=os.environ) -> list[str] | None:
-    """The command that reruns this stage as ``train.num_processes`` processes under ``accelerate launch``, or
-    None: train here (one process, or one of the launched ones: the launcher sets LOCAL_RANK in each)."""
-    n = params.train.num_processes
-    if n == 1 or "LOCAL_RANK" in environ:
-        return None
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n)]
-    config = environ.get(ACCELERATE_CONFIG_ENV)
-    if config:  # its machines, FSDP or DeepSpeed settings; train.num_processes counts the processes of all nodes
-        cmd += ["--config_file", config]
-    else:  # one process per GPU (torchrun), or per CPU worker meeting over gloo when model.device is the CPU
-        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no",
-                "--mixed_precision", params.train.mixed_precision]
-    return cmd + ["-m", "stages.train"]
-
-
 @contextmanager
 def silent_run():
     """What a process other than the main one has instead of an MLflow run: nothing is logged."""
@@ -66,10 +44,7 @@ def main() -> None:
     why = refusal(params)
     if why is not None:
         refuse(why)
-    launch = launch_command(params)
-    if launch is not None:
-        say(f"train: {params.train.num_processes} processes: {' '.join(launch[1:])}")
-        raise SystemExit(subprocess.run(launch, check=False).returncode)
+    relaunch("train", params.train.num_processes, mixed_precision=params.train.mixed_precision)
     from prefdiff.data.preferences import PreferenceStore
     from prefdiff.data.trajectories import TrajectoryStore
 
@@ -80,8 +55,8 @@ def main() -> None:
     else:  # imported pairs: every image shard exists and its header holds the images the index lists
         preferences.image_pairs(verify=False)
     from prefdiff.data.atomic import atomic_write_json, atomic_write_text
+    from prefdiff.models.processes import process_state
     from prefdiff.training.fit import fit
-    from prefdiff.training.trainable import process_state
 
     main_process = process_state(params).is_main_process
     with tracked("train", params, paths, ("train",)) if main_process else silent_run() as log_metrics:

@@ -14,10 +14,11 @@ from safetensors.torch import save_file
 
 from prefdiff import catalog
 from prefdiff.config import parse_params
+from prefdiff.models.processes import process_state
 from prefdiff.training import fit as fit_module
 from prefdiff.training.methods.d3po import D3PO
 from prefdiff.training.methods.diffusion_dpo import DiffusionDPO
-from prefdiff.training.trainable import TrainableUNet, process_state
+from prefdiff.training.trainable import TrainableUNet
 
 ROWS: list[int] = []  # items trained by this process, one entry per (unit, row)
 WROTE: list[str] = []  # what this process wrote through fit

@@ -27,7 +27,7 @@ from prefdiff.models.lora import LORA_WEIGHT_NAME
 from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.scorers import get_scorer
 from prefdiff.training.fit import fit, shares, steps_per_epoch
-from stages.train import launch_command
+from stages._common import launch_command
 
 DATA = {"sample": {"num_prompts": 2, "images_per_group": 3, "batch_size": 6}, "sampling": {"num_steps": 4}}
 # adam_eps 1 makes AdamW's update ~ lr x gradient: with a small eps it is lr x sign(g) for tiny components, and a
@@ -65,7 +65,7 @@ def launched(tmp_path_factory):
             "runs": [{"name": name, "overrides": overrides(train, 2), "stop_after_steps": stop}
                      for name, train, stop in RUNS]}
     (root / "spec.json").write_text(json.dumps(spec))
-    command = launch_command(parse_params(overrides(D3PO, 2)), environ={})
+    command = launch_command("train", 2, environ={})
     assert command[-2:] == ["-m", "stages.train"] and "--num_processes" in command
     command = command[:-2] + ["--main_process_port", str(free_port()), str(Path(__file__).parent / "ddp_worker.py"),
                               str(root / "spec.json")]

@@ -91,7 +91,7 @@ def rounds_config(params: Params) -> dict[str, Any]:
     ``sample.groups_per_prompt`` (the single round's, not read here)."""
     return {
         "model": params.model.model_dump(), "sampling": params.sampling.model_dump(),
-        "sample": params.sample.model_dump(exclude={"groups_per_prompt", "lora"}),
+        "sample": {k: v for k, v in params.sample.in_use().items() if k not in {"groups_per_prompt", "lora"}},
         "label": params.label.model_dump(include=LABEL_KEYS), "train": params.train.in_use(),
         "evaluate": params.evaluate.model_dump(include=EVALUATE_KEYS),
         "rounds": params.rounds.model_dump(exclude={"count"}),

@@ -8,11 +8,12 @@ loop shares: it samples with the pipeline as it is (adapters and all) and record
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from prefdiff.config import Params
+from prefdiff.models.processes import gather_to_main, process_state, wait_for_everyone
 from prefdiff.prompts import get_prompt_set
 from prefdiff.progress import above_bars, progress_bar
 from prefdiff.sampling.guards import memory_knobs
@@ -50,7 +51,12 @@ def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], N
     prompts = [p for p in get_prompt_set(sp.prompt_set, sp.num_prompts, root=root) for _ in range(sp.groups_per_prompt)]
     seeds = [group_seed(sp.seed, i) for i in range(len(prompts))]
     if pipe is None:
-        pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
+        state = process_state(params)
+        # a launched process samples on the launcher's device of that process (a GPU each; a CPU process's is
+        # "cpu:0", which model.device does not name), else on model.device
+        device = (params.model.device if state.num_processes == 1 else
+                  "cpu" if state.device.type == "cpu" else str(state.device))
+        pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=device,
                              revision=params.model.revision)
     if lora_dir is None:
         return write_trajectories(pipe, prompts, seeds, params, out_dir, progress=progress)
@@ -84,18 +90,28 @@ def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Param
 
     The index's ``model`` records the base (``params.model`` and the sha256 of its UNet, ``base_sha256`` when
     the caller knows it: with adapters attached the UNet's own weights are no longer the base's alone) and
-    ``policy``: which adapter drew the samples (absent: the base itself)."""
+    ``policy``: which adapter drew the samples (absent: the base itself).
+
+    Under ``accelerate launch`` every process calls this; they share the groups (``shared_groups``), the main
+    process alone writes the dataset and reports, and every process returns once it is written."""
     from prefdiff.data.trajectories import TrajectoryWriter
     from prefdiff.models.loading import model_fingerprint
-    from prefdiff.sampling.sampler import SamplingConfig, sample_groups
+    from prefdiff.sampling.sampler import SamplingConfig
 
     sp = params.sample
     cfg = SamplingConfig(**params.sampling.model_dump())
+    state = process_state(params)
+    if not state.is_main_process:
+        for _ in shared_groups(pipe, prompts, seeds, params, cfg, state):  # yields nothing: its share goes to 0
+            pass
+        wait_for_everyone(state)
+        return out_dir / "index.json"
     model = {**params.model.model_dump(), "unet_sha256": base_sha256 or model_fingerprint(pipe), **(policy or {})}
     began = time.time()
     who = f" from {policy.get('policy_lora') or policy.get('policy')}" if policy else ""
+    over = f" in {state.num_processes} processes" if state.num_processes > 1 else ""
     progress(f"sampling {len(prompts)} groups x {sp.images_per_group} images{who}, {cfg.num_steps} DDIM steps, "
-             f"eta {cfg.eta}, guidance {cfg.guidance_scale}, on {pipe.unet.device}")
+             f"eta {cfg.eta}, guidance {cfg.guidance_scale}, on {pipe.unet.device}{over}")
 
     bar = progress_bar(desc="sample", total=len(prompts) * sp.images_per_group, unit="img")
 
@@ -106,8 +122,45 @@ def write_trajectories(pipe, prompts: list[str], seeds: list[int], params: Param
 
     with (bar, memory_knobs("while sampling", sampling_memory_knobs(params)),
           TrajectoryWriter(out_dir, shard_size=sp.shard_size, model=model,
-                           params={"sample": sp.model_dump(), "sampling": params.sampling.model_dump()}) as writer):
-        for group in sample_groups(pipe, prompts, seeds, sp.images_per_group, cfg, batch_size=sp.batch_size,
-                                   progress=report):
+                           params={"sample": sp.in_use(), "sampling": params.sampling.model_dump()}) as writer):
+        for group in shared_groups(pipe, prompts, seeds, params, cfg, state, progress=report):
             writer.add_group(group)
+    # not after a failure: the launcher ends the other processes when one fails
+    wait_for_everyone(state)
     return out_dir / "index.json"
+
+
+def shared_groups(pipe, prompts: list[str], seeds: list[int], params: Params, cfg, state, *,
+                  progress: Callable[[int, int], None] | None = None) -> Iterator:
+    """The sampled groups of every (prompt, seed) in order, on the main process; the other processes yield none.
+
+    One process: ``sample_groups`` over all of them. N processes: the groups are cut into the batches one process
+    would run (``sample.batch_size`` images, whole groups), and process r runs batches r, r + N, r + 2N, ...; after
+    each round of N batches the main process gathers them (in memory, in process order) and yields their groups.
+    Each batch holds the same groups, seeds and noise as in one process, so the dataset is the one process's byte
+    for byte (with the same kernels: same device type, same dtype); the main process holds at most N batches."""
+    from prefdiff.sampling.sampler import sample_groups
+
+    size, total = params.sample.images_per_group, len(prompts)
+    if state.num_processes == 1:
+        yield from sample_groups(pipe, prompts, seeds, size, cfg, batch_size=params.sample.batch_size,
+                                 progress=progress)
+        return
+    per_batch = max(1, params.sample.batch_size // size)  # groups per batch, as sample_groups cuts them
+    starts = list(range(0, total, per_batch))
+    done = 0
+    for first in range(0, len(starts), state.num_processes):
+        mine = first + state.process_index
+        batch = []
+        if mine < len(starts):
+            rows = slice(starts[mine], starts[mine] + per_batch)
+            batch = list(sample_groups(pipe, prompts[rows], seeds[rows], size, cfg,
+                                       batch_size=params.sample.batch_size))
+        gathered = gather_to_main(batch, state)
+        if gathered is None:
+            continue
+        for groups in gathered:
+            yield from groups
+            done += len(groups)
+        if progress is not None:
+            progress(done, total)

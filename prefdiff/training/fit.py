@@ -50,12 +50,13 @@ from prefdiff.data import DatasetError
 from prefdiff.data.atomic import atomic_dir
 from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
+from prefdiff.models.processes import process_state
 from prefdiff.sampling.dataset import dtype_knob
 from prefdiff.progress import above_bars, progress_bar
 from prefdiff.sampling.guards import NumericsError, memory_knobs
 from prefdiff.sampling.guidance import Conditioning, encode_prompts
 from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
-from prefdiff.training.trainable import TrainableUNet, process_state
+from prefdiff.training.trainable import TrainableUNet
 
 
 def _silent(_: str) -> None:

@@ -28,6 +28,7 @@ import torch
 from prefdiff.config import Params, TrainParams
 from prefdiff.models import lora
 from prefdiff.models.finetuned import FULL_UNET_DIR
+from prefdiff.models.processes import process_state
 
 
 def effective_lr(tp: TrainParams) -> float:
@@ -50,18 +51,6 @@ def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
 
 def warmup_steps(tp: TrainParams, total_steps: int) -> int:
     return math.ceil(tp.lr_warmup_fraction * total_steps)
-
-
-def process_state(params: Params):
-    """accelerate's state of this process (``process_index``, ``num_processes``, ``is_main_process``, ``device``):
-    the only process, or one of ``accelerate launch``'s. Made once per process, from ``model.device``: on the CPU
-    the processes meet over gloo (accelerate's MULTI_CPU needs its cpu flag; without it each launched process
-    would train alone), else on the launcher's GPU of each process."""
-    from accelerate import PartialState
-
-    from prefdiff.models.loading import resolve_device
-
-    return PartialState(cpu=resolve_device(params.model.device).type == "cpu")
 
 
 def make_optimizer(tp: TrainParams, trainable: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -196,4 +185,4 @@ class TrainableUNet:
             self.raw_unet.save_pretrained(out_dir / FULL_UNET_DIR, safe_serialization=True)
 
 
-__all__ = ["TrainableUNet", "effective_lr", "lr_at", "process_state"]
+__all__ = ["TrainableUNet", "effective_lr", "lr_at"]

@@ -1,0 +1,59 @@
+"""The processes of one run: this process's accelerate state, and objects gathered to the main process.
+
+Under ``accelerate launch`` (``train.num_processes``, ``sample.num_processes`` > 1) every process runs the same
+code; training shares every micro-batch (``prefdiff.training.fit``), sampling shares the prompt groups
+(``prefdiff.sampling.dataset``), and only the main process writes. Without a launcher there is one process
+and nothing here talks to another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefdiff.config import Params
+
+
+def process_state(params: Params):
+    """accelerate's state of this process (``process_index``, ``num_processes``, ``is_main_process``, ``device``):
+    the only process, or one of ``accelerate launch``'s. Made once per process, from ``model.device``: on the CPU
+    the processes meet over gloo (accelerate's MULTI_CPU needs its cpu flag; without it each launched process
+    would work alone), else on the launcher's GPU of each process."""
+    from accelerate import PartialState
+
+    from prefdiff.models.loading import resolve_device
+
+    return PartialState(cpu=resolve_device(params.model.device).type == "cpu")
+
+
+_CPU_GROUP: list[Any] = []  # the gloo group of all processes, made once (every process makes it at the same call)
+
+
+def cpu_group():
+    """A gloo group of all processes: objects on the CPU travel through it whatever the default backend (NCCL
+    would copy them to a GPU and back)."""
+    import torch.distributed as dist
+
+    if not _CPU_GROUP:
+        _CPU_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return _CPU_GROUP[0]
+
+
+def gather_to_main(obj: Any, state) -> list[Any] | None:
+    """Every process's ``obj`` in process order on the main process, None on the others (a collective: every
+    process calls it, the same number of times). Objects travel pickled in memory, between the processes of
+    this run only; nothing pickled is ever stored."""
+    import torch.distributed as dist
+
+    if state.num_processes == 1:
+        return [obj]
+    gathered = [None] * state.num_processes if state.is_main_process else None
+    dist.gather_object(obj, gathered, dst=0, group=cpu_group())
+    return gathered
+
+
+def wait_for_everyone(state) -> None:
+    """Every process reaches this point before any goes on (the main process has written what it gathered)."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1:
+        dist.barrier(group=cpu_group())
