@@ -362,3 +362,16 @@ def side_argv(argv: list[str] | None) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def run_or_compare(module: str, args, argv: list[str] | None, run_side, config: dict) -> tuple[dict, dict] | None:
+    """A benchmark's command: with ``--side prefdiff|reference`` run that side here and print its result (None);
+    else run both sides in fresh processes and return their results with the printed configuration (the shared
+    keys, then ``config``)."""
+    if args.side != "both":
+        emit(run_side(args))
+        return None
+    results = run_sides(module, side_argv(argv))
+    shared = {"device": device_name(device_of(args)), "arch": args.arch, "resolution": resolution_of(args),
+              "dtype": args.dtype}
+    return results, shared | config

@@ -146,13 +146,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps T (all trained)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs the one-off reference pass is amortised over")
     args = parser.parse_args(argv)
-    if args.side != "both":
-        common.emit(run_side(args))
+    compared = common.run_or_compare(MODULE, args, argv, run_side,
+                                     {"pairs_per_step": args.pairs, "timesteps": args.steps})
+    if compared is None:
         return None
-    results = common.run_sides(MODULE, common.side_argv(argv))
-    device = common.device_of(args)
-    config = {"device": common.device_name(device), "arch": args.arch, "resolution": common.resolution_of(args),
-              "dtype": args.dtype, "pairs_per_step": args.pairs, "timesteps": args.steps}
+    results, config = compared
     summary = common.report(f"one D3PO optimizer step ({args.pairs} pairs x {args.steps} timesteps)", config,
                             results, names={"reference": "official-style"})
     ours, theirs = results.get("prefdiff", {}), results.get("reference", {})

@@ -201,13 +201,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--batch", type=int, default=4, help="preference pairs per optimizer step (UNet batch 2x)")
     parser.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank; the diffusers script's default)")
     args = parser.parse_args(argv)
-    if args.side != "both":
-        common.emit(run_side(args))
+    compared = common.run_or_compare(MODULE, args, argv, run_side,
+                                     {"pairs_per_step": args.batch, "lora_rank": args.rank})
+    if compared is None:
         return None
-    results = common.run_sides(MODULE, common.side_argv(argv))
-    device = common.device_of(args)
-    config = {"device": common.device_name(device), "arch": args.arch, "resolution": common.resolution_of(args),
-              "dtype": args.dtype, "pairs_per_step": args.batch, "lora_rank": args.rank}
+    results, config = compared
     return common.report(f"one Diffusion-DPO optimizer step ({args.batch} pairs)", config, results,
                          names={"reference": "diffusers example"})
 

@@ -67,14 +67,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     if args.batch % args.images_per_group:
         parser.error(f"--batch {args.batch} must be a multiple of --images-per-group {args.images_per_group}")
-    if args.side != "both":
-        common.emit(run_side(args))
+    compared = common.run_or_compare(MODULE, args, argv, run_side, {
+        "batch_images": args.batch, "images_per_group": args.images_per_group, "steps": args.steps, "eta": args.eta,
+        "guidance": args.guidance})
+    if compared is None:
         return None
-    results = common.run_sides(MODULE, common.side_argv(argv))
-    device = common.device_of(args)
-    config = {"device": common.device_name(device), "arch": args.arch, "resolution": common.resolution_of(args),
-              "dtype": args.dtype, "batch_images": args.batch, "images_per_group": args.images_per_group,
-              "steps": args.steps, "eta": args.eta, "guidance": args.guidance}
+    results, config = compared
     return common.report("sampling one batch (prefdiff with chain + log-probs vs stock pipeline)", config, results,
                          names={"reference": "stock diffusers"})
 
