@@ -45,16 +45,22 @@ LR = 1e-8  # the scripts' SD 1.5 lr; the value does not change the time
 
 def write_pairs(out_dir: Path, pairs: int, resolution: int) -> Path:
     """``pairs`` image pairs of seeded random pixels (PNG) with captions, as an imported dataset."""
+    import io
+
     from PIL import Image
 
     from prefdiff.data.preferences import ImagePairWriter
 
+    def png(pixels: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        return buf.getvalue()
+
     rng = np.random.default_rng(0)
     judge = {"name": "benchmark", "higher_is_better": True, "params": {}}
-    with ImagePairWriter(out_dir, judge=judge) as writer:
+    with ImagePairWriter(out_dir, judge=judge, shard_bytes=128 << 20) as writer:
         for i in range(pairs):
-            w, l = (Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8))
-                    for _ in range(2))
+            w, l = (png(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)) for _ in range(2))
             writer.add_pair(f"a photo of animal {i}", w, l)
     return out_dir
 
@@ -96,11 +102,14 @@ def prefdiff_side(args, pipe, data: Path, device):
     return step
 
 
-def _pixels(path: Path) -> torch.Tensor:
-    """transforms.ToTensor() + Normalize([0.5], [0.5]) of one RGB image: [3, H, W] in [-1, 1]."""
+def _pixels(image_ref) -> torch.Tensor:
+    """transforms.ToTensor() + Normalize([0.5], [0.5]) of one RGB image (a stored image: ``read_bytes()``, as the
+    diffusers script decodes its dataset's bytes): [3, H, W] in [-1, 1]."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(io.BytesIO(image_ref.read_bytes())) as image:
         a = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return (torch.from_numpy(a).permute(2, 0, 1) - 0.5) / 0.5
 

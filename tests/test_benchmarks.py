@@ -34,3 +34,19 @@ def test_full_size_architectures_match_the_published_parameter_counts(arch):
 def test_side_argv_drops_the_side_flag_in_both_spellings():
     argv = ["--arch", "sd15", "--side", "both", "--repeats", "2", "--side=prefdiff"]
     assert common.side_argv(argv) == ["--arch", "sd15", "--repeats", "2"]
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("benchmarks.sampling", ["--batch", "2", "--steps", "2"]),
+    ("benchmarks.d3po_step", ["--pairs", "1", "--steps", "2"]),
+    ("benchmarks.diffusion_dpo_step", ["--batch", "2"]),
+])
+def test_each_two_sided_benchmark_runs_both_sides_on_the_tiny_model(module, argv):
+    """A smoke run (one repeat, tiny sizes; the times mean nothing): both sides in their fresh processes finish
+    and report a time, the ratio and peak memory, so a library change that breaks a side fails here."""
+    import importlib
+
+    summary = importlib.import_module(module).main([*argv, "--repeats", "1"])
+    for side in ("prefdiff", "reference"):
+        assert summary["sides"][side]["median_s"] > 0 and summary["sides"][side]["peak_mem_bytes"] > 0, summary
+    assert summary["speedup"] > 0
