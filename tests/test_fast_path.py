@@ -42,6 +42,14 @@ def loss_and_grads(**train) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch
     return logp.detach(), loss.detach(), grads
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_mixed_precision_left_behind():
+    """accelerate keeps one mixed-precision setting per process: the bf16 run's must not reach later tests, whose
+    Accelerator(mixed_precision="no") would be refused."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 @pytest.fixture(scope="module")
 def eager():
     return loss_and_grads()
