@@ -10,7 +10,8 @@ computed and is writing, and (train) between optimizer steps after checkpoints. 
 - every cached output (``dvc.lock``'s content hash of the datasets, the trained weights, the evaluation's files)
   equals the uninterrupted run's: byte-identical outputs, as every random draw is a pure function of the seeds and
   training resumes from its checkpoint; the metrics files equal it too, apart from the run's own record of how
-  it ran (``seconds``, ``resumed_from_step``, the register decision's ``reused``);
+  it ran (``seconds``, ``resumed_from_step``, ``update_norm`` of the resumed call, the register decision's
+  ``reused``);
 - no temp sibling (``.tmp-<pid>`` / ``.old-<pid>``) of a killed writer is left anywhere;
 - no MLflow run is left RUNNING (a killed stage's run is marked KILLED by the next stage that starts), and the
   registry holds exactly one version, as in the uninterrupted run.
@@ -45,8 +46,10 @@ KILL_POINTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("epoch 1: ", "implicit accuracy on"),  # base scored / trained scored, metrics not yet written
     "register": ("register: registered",),  # version and alias set, decision.json not yet final
 }
-# What a metrics file records about how its run went rather than what it computed.
-RUN_RECORD_KEYS = {"metrics/train.json": {"seconds", "resumed_from_step"}, "registry/decision.json": {"reused"}}
+# What a metrics file records about how its run went rather than what it computed (``update_norm``: the weights'
+# change in this call, from the checkpoint it resumed from).
+RUN_RECORD_KEYS = {"metrics/train.json": {"seconds", "resumed_from_step", "update_norm"},
+                   "registry/decision.json": {"reused"}}
 TEMP_SIBLING = re.compile(r"\.(tmp|old)-\d+")
 
 
