@@ -42,6 +42,7 @@ RUNS = [("d3po", D3PO, None), ("resumed", D3PO, 1), ("resumed", D3PO, None), ("d
 REPO = Path(__file__).resolve().parents[1]  # the worker imports this checkout's prefdiff
 NAMES = [name for name, _, _ in RUNS]
 RTOL = 1e-4  # of the largest update
+THRESHOLDED = {"implicit_acc", "clip_frac"}  # counts of float comparisons: see the curve check
 
 
 def overrides(train: dict, processes: int) -> dict:
@@ -99,12 +100,16 @@ def test_two_processes_train_the_one_process_update(launched, tmp_path, name, tr
     assert moved > 1e-4  # the comparison below is not between two untrained LoRAs
     assert_close(load_file(str(out / name / "trained" / LORA_WEIGHT_NAME)), trained, moved)
     # the logged curve (metrics reduced over processes) is the one process's; abs 1e-5: D3PO's mean_log_ratio
-    # (~4e-6 here) is a difference of log-probs of magnitude ~1e2, whose float32 rounding is ~1e-5
+    # (~4e-6 here) is a difference of log-probs of magnitude ~1e2, whose float32 rounding is ~1e-5. Not compared:
+    # the thresholded counts (implicit_acc: the share of margins > 0; clip_frac: of ratios outside the clip), which
+    # flip on margins of float-rounding size: at the first step policy = reference, every margin is 0 in the one
+    # process and +-1e-9 in a share computed in a smaller batch (measured: 0 against 0.4375)
     curve = reports[0][NAMES.index(name)]["curve"]
     assert [row["step"] for row in curve] == [row["step"] for row in one.curve]
     for two_row, one_row in zip(curve, one.curve):
         for key, value in one_row.items():
-            assert two_row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+            if key not in THRESHOLDED:
+                assert two_row[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
 
 def test_each_process_trains_its_share_of_every_micro_batch(launched):
