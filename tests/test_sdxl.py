@@ -187,8 +187,8 @@ def test_sdxl_chain_equals_diffusers_sdxl_pipeline_call(pipe, groups):
     assert calls == g.timesteps.tolist()
     # The pipeline batches the guidance branches in its own order, so each step's UNet output differs from ours in the
     # last bits (the per-step test above holds each step to 1e-5) and the differences compound over the chain:
-    # measured up to 2.0e-5 (torch 2.13 CPU, 1 thread; within 1e-5 + 1e-5 relative with 2). 1e-4 keeps a real mismatch (a wrong
-    # noise draw or timestep moves latents by ~1e-1) far outside.
+    # measured up to 2.0e-5 (torch 2.13 CPU, 1 thread; within 1e-5 + 1e-5 relative with 2). 1e-4 keeps a real
+    # mismatch (a wrong noise draw or timestep moves latents by ~1e-1) far outside.
     torch.testing.assert_close(out, g.latents[:, -1], rtol=0, atol=1e-4)
 
 
