@@ -618,9 +618,8 @@ def lost_prefect_api(err: BaseException) -> str | None:
         seen.add(id(err))
         if isinstance(err, httpx.TransportError):  # connect, read, timeout; httpx is Prefect's (MLflow: requests)
             return (f"the Prefect API at {url} (PREFECT_API_URL) stopped answering during the run "
-                    f"({_why_no_answer(err)}); the stages "
-                    "that finished are committed in dvc.lock and logged in MLflow: when the API is back, run the same "
-                    "command (DVC skips those stages)")
+                    f"({_why_no_answer(err)}); the stages that finished are committed in dvc.lock and logged in "
+                    "MLflow: when the API is back, run the same command (DVC skips those stages)")
         err = err.__cause__ or err.__context__
     return None
 
