@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,40 +162,68 @@ def _baseline(params: Params, paths: Paths, pipe, progress) -> tuple[dict[str, A
 
 
 def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
-                     progress: Callable[[str], None] = print) -> EvalResult:
+                     progress: Callable[[str], None] = print) -> EvalResult | None:
     """Score baseline and trained samples with every scorer; write metrics, plots, grid and the HTML report.
-    ``trained_dir``: a LoRA or a full UNet (``prefdiff.models.finetuned``), with epoch snapshots."""
+    ``trained_dir``: a LoRA or a full UNet (``prefdiff.models.finetuned``), with epoch snapshots.
+
+    Under ``accelerate launch`` (``evaluate.num_processes``) every process calls this: they share the image
+    generation (the batches of ``evaluate.batch_size`` images, ``shared_batches``), the main process gathers the
+    images in batch order, scores them, writes everything and returns the result; the others return None once
+    their last share is gathered. Each batch holds the prompts, seeds and noise it holds in one process, so with
+    the same kernels the images, and every number, are the one process's."""
     from prefdiff.models.finetuned import trained_weights
     from prefdiff.models.loading import load_pipeline
+    from prefdiff.models.processes import process_device, process_state, shared_batches
     from prefdiff.sampling.sampler import SamplingConfig, generate
     from prefdiff.scorers import scores_as_decimals
 
     ep = params.evaluate
+    state = process_state(params)
+    main = state.is_main_process
     prompts, seeds = eval_prompts_and_seeds(params, paths.root)
-    scorers, skipped = build_scorers(params, progress)
-    prompted = prompted_digits(prompts)
-    classifier = None
-    if prompted is not None:
-        classifier, reason = digit_classifier(params, scorers)
-        if classifier is None:
-            skipped.append(("digit_accuracy", reason))
-            progress(f"skipping digit accuracy: {reason}")
+    scorers: dict[str, Any] = {}  # the main process's alone: the others only generate
+    skipped: list[tuple[str, str]] = []
+    prompted = classifier = None
+    if main:
+        scorers, skipped = build_scorers(params, progress)
+        prompted = prompted_digits(prompts)
+        if prompted is not None:
+            classifier, reason = digit_classifier(params, scorers)
+            if classifier is None:
+                skipped.append(("digit_accuracy", reason))
+                progress(f"skipping digit accuracy: {reason}")
     primary = params.eval_judge
     cfg = SamplingConfig(**params.sampling.model_dump())
-    pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
+    pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=process_device(params, state),
                          revision=params.model.revision)
-    baseline, baseline_ctx = _baseline(params, paths, pipe, progress)
+    baseline, baseline_ctx = _baseline(params, paths, pipe, progress if main else (lambda _: None))
     began = time.time()
+    # the batches generate would form itself in one process: the same images, and the bar moves per batch
+    batches = [slice(start, start + ep.batch_size) for start in range(0, len(prompts), ep.batch_size)]
 
-    def run(label: str, names: list[str]) -> tuple[list, dict[str, np.ndarray]]:
-        # One generate call per batch (the batches generate would form itself: the same images) so the bar
-        # moves per batch, with the rate and ETA of this phase.
+    def sampled(label: str) -> list | None:
+        """Every image of this phase in order on the main process (this process's share generated), else None."""
         images: list = []
-        with progress_bar(desc=f"evaluate {label}: sampling", total=len(prompts), unit="img") as bar:
-            for start in range(0, len(prompts), ep.batch_size):
-                batch = slice(start, start + ep.batch_size)
-                images += generate(pipe, prompts[batch], seeds[batch], cfg, batch_size=ep.batch_size)
-                bar.update(len(prompts[batch]))
+        shares = [0] * state.num_processes  # images each process generated, as gathered
+        with progress_bar(desc=f"evaluate {label}: sampling", total=len(prompts), unit="img", disable=not main) as bar:
+            for gathered in shared_batches(
+                    batches, lambda rows: generate(pipe, prompts[rows], seeds[rows], cfg, batch_size=ep.batch_size),
+                    state):
+                for rank, batch in enumerate(gathered):
+                    images += batch
+                    shares[rank] += len(batch)
+                    bar.update(len(batch))
+        if not main:
+            return None
+        if state.num_processes > 1:
+            progress(f"{label}: generated by {state.num_processes} processes: "
+                     f"{' + '.join(map(str, shares))} images")
+        return images
+
+    def run(label: str, names: list[str]) -> tuple[list, dict[str, np.ndarray]] | None:
+        images = sampled(label)
+        if images is None:
+            return None
         # the label stage's stored values (float32 scores as their shortest decimals: JPEG kB stay exact)
         scores = {n: np.asarray(scores_as_decimals(scorers[n].score(images, prompts)))
                   for n in progress_bar(names, desc=f"evaluate {label}: scoring", unit="scorer")}
@@ -202,18 +231,22 @@ def evaluate_trained(params: Params, trained_dir: Path, paths: Paths, *,
                  f"({time.time() - began:.1f} s)")
         return images, scores
 
-    higher = bool(scorers[primary].higher_is_better)
-    with baseline_ctx():
-        base_images, base = run(baseline["baseline"], list(scorers))
-    curve = [_curve_row(0, base[primary], base[primary], prompts, ep, higher)]
+    # every process generates the phases in this order: (curve epoch, label, weights, scorers, images kept)
     snapshots = [(e, p) for e, p in _snapshots(trained_dir) if e < params.train.epochs] if ep.reward_curve else []
-    for epoch, snapshot in snapshots:
-        with trained_weights(pipe, snapshot):
-            scores = run(f"epoch {epoch}", [primary])[1][primary]
-        curve.append(_curve_row(epoch, scores, base[primary], prompts, ep, higher))
-    with trained_weights(pipe, trained_dir):
-        trained_images, trained = run("trained", list(scorers))
-    curve.append(_curve_row(params.train.epochs, trained[primary], base[primary], prompts, ep, higher))
+    phases = [(0, baseline["baseline"], baseline_ctx, list(scorers), True),
+              *((e, f"epoch {e}", partial(trained_weights, pipe, p), [primary], False) for e, p in snapshots),
+              (params.train.epochs, "trained", partial(trained_weights, pipe, trained_dir), list(scorers), True)]
+    runs = []  # (curve epoch, images or None, scores) per phase, on the main process
+    for epoch, label, weights, names, keep in phases:
+        with weights():
+            got = run(label, names)
+        if got is not None:
+            runs.append((epoch, got[0] if keep else None, got[1]))
+    if not main:  # its shares are with the main process, which scores, reports and writes
+        return None
+    (_, base_images, base), (_, trained_images, trained) = runs[0], runs[-1]
+    higher = bool(scorers[primary].higher_is_better)
+    curve = [_curve_row(epoch, scores[primary], base[primary], prompts, ep, higher) for epoch, _, scores in runs]
 
     per_scorer = {name: _scorer_metrics(scorers[name], base[name], trained[name], prompts, ep) for name in scorers}
     protocol = evaluation_protocol(params, prompts, seeds, scorers[primary])

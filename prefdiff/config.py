@@ -42,8 +42,8 @@ MAX_BATCH = 65_536  # items per micro-batch, or micro-batches per optimizer step
 MAX_PROMPTS = 1_000_000
 MAX_SEEDS_PER_PROMPT = 10_000
 MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
-MAX_PROCESSES = 4096  # processes of one training or sampling run (GPUs over all nodes)
-EXECUTION_KEYS = {"num_processes"}  # train / sample keys that change how a run executes, not its result
+MAX_PROCESSES = 4096  # processes of one training, sampling or evaluation run (GPUs over all nodes)
+EXECUTION_KEYS = {"num_processes"}  # train / sample / evaluate keys that change how a run executes, not its result
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -434,6 +434,10 @@ class EvaluateParams(_Section):
     implicit_draws: int = Field(4, ge=1, le=10_000)  # (t, eps) draws per pair for the Diffusion-DPO estimate
     implicit_pairs: str | None = None
     report: bool = True  # eval/report.html: metric table, intervals, image pairs (self-contained)
+    # How the run executes, not what it computes (``EXECUTION_KEYS``; not in the evaluation protocol): processes
+    # that share the image generation (the evaluate stage relaunches itself under `accelerate launch` when > 1; the
+    # main process gathers the images, scores them and writes the one process's results).
+    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
 
     @field_validator("prompt_set")
     @classmethod

@@ -6,11 +6,15 @@ stage) and ``registry/baseline.json`` (with ``evaluate.baseline: champion``, the
 weights under ``models/baseline``); writes ``metrics/eval.json`` (with the protocol fingerprint),
 ``plots/reward_curve.csv``, ``plots/win_rate.csv``, ``plots/scorers.csv`` and ``eval/`` (grid, per-sample
 scores, report.html; with digit prompts also digits.png, the sample grid per digit).
+
+``evaluate.num_processes`` N > 1: the stage relaunches itself as N processes under ``accelerate launch``, as the
+sample stage does (``PREFDIFF_ACCELERATE_CONFIG`` too); they share the image generation, and only the main
+process scores, prints, writes the outputs (the one process's) and the MLflow entries.
 """
 
 from __future__ import annotations
 
-from stages._common import load_or_exit, run_stage, say, tracked, workspace
+from stages._common import load_or_exit, relaunch, run_stage, say, tracked, workspace
 
 
 def headline(m: dict) -> str:
@@ -36,10 +40,15 @@ def digit_line(block: dict, baseline: str) -> str:
 def main() -> None:
     paths = workspace()
     params = load_or_exit(paths)
+    relaunch("evaluate", params.evaluate.num_processes)
     import mlflow
 
     from evaluation.evaluate import DIGIT_GRID, evaluate_trained, flat_metrics
+    from prefdiff.models.processes import process_state
 
+    if not process_state(params).is_main_process:  # one of the launched processes: it only generates its share
+        evaluate_trained(params, paths.trained, paths, progress=say)
+        return
     with tracked("evaluate", params, paths, ("evaluate",)) as log_metrics:
         result = evaluate_trained(params, paths.trained, paths, progress=say)
         m = result.metrics

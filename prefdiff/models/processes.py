@@ -1,14 +1,16 @@
 """The processes of one run: this process's accelerate state, and objects gathered to the main process.
 
-Under ``accelerate launch`` (``train.num_processes``, ``sample.num_processes`` > 1) every process runs the same
-code; training shares every micro-batch (``prefdiff.training.fit``), sampling shares the prompt groups
-(``prefdiff.sampling.dataset``), and only the main process writes. Without a launcher there is one process
-and nothing here talks to another.
+Under ``accelerate launch`` (``train.num_processes``, ``sample.num_processes``, ``evaluate.num_processes`` > 1)
+every process runs the same code; training shares every micro-batch (``prefdiff.training.fit``), sampling and the
+evaluation's image generation share their batches (``shared_batches``: ``prefdiff.sampling.dataset``,
+``evaluation.evaluate``), and only the main process writes. Without a launcher there is one process and nothing
+here talks to another.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from prefdiff.config import Params
 
@@ -23,6 +25,14 @@ def process_state(params: Params):
     from prefdiff.models.loading import resolve_device
 
     return PartialState(cpu=resolve_device(params.model.device).type == "cpu")
+
+
+def process_device(params: Params, state) -> str:
+    """The device this process loads the model on: ``model.device`` when it is the only process; a launched
+    process's own (a GPU each; a CPU process's is "cpu:0", which ``model.device`` does not name)."""
+    if state.num_processes == 1:
+        return params.model.device
+    return "cpu" if state.device.type == "cpu" else str(state.device)
 
 
 _CPU_GROUP: list[Any] = []  # the gloo group of all processes, made once (every process makes it at the same call)
@@ -57,3 +67,22 @@ def wait_for_everyone(state) -> None:
 
     if state.num_processes > 1:
         dist.barrier(group=cpu_group())
+
+
+Batch = TypeVar("Batch")
+Result = TypeVar("Result")
+
+
+def shared_batches(batches: Sequence[Batch], work: Callable[[Batch], Result], state) -> Iterator[list[Result]]:
+    """``work`` of every batch, shared by the processes: process r of N runs batches r, r + N, r + 2N, ...; after
+    each round of N batches the main process gathers their results (in memory, in process order) and yields them
+    as one list, the round's r-th from process r, so the rounds put together are the results in batch order. The
+    other processes yield nothing; one process yields every batch's result alone. A collective: every process
+    calls it with the same batches, and the main process holds at most N results at a time."""
+    n = state.num_processes
+    for first in range(0, len(batches), n):
+        mine = first + state.process_index
+        result = work(batches[mine]) if mine < len(batches) else None  # the last round may leave some idle
+        gathered = gather_to_main(result, state)
+        if gathered is not None:
+            yield gathered[:min(n, len(batches) - first)]

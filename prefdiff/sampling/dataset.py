@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefdiff.config import Params
-from prefdiff.models.processes import gather_to_main, process_state, wait_for_everyone
+from prefdiff.models.processes import process_device, process_state, shared_batches, wait_for_everyone
 from prefdiff.prompts import get_prompt_set
 from prefdiff.progress import above_bars, progress_bar
 from prefdiff.sampling.guards import memory_knobs
@@ -51,12 +51,8 @@ def sample_dataset(params: Params, out_dir: Path, *, progress: Callable[[str], N
     prompts = [p for p in get_prompt_set(sp.prompt_set, sp.num_prompts, root=root) for _ in range(sp.groups_per_prompt)]
     seeds = [group_seed(sp.seed, i) for i in range(len(prompts))]
     if pipe is None:
-        state = process_state(params)
-        # a launched process samples on the launcher's device of that process (a GPU each; a CPU process's is
-        # "cpu:0", which model.device does not name), else on model.device
-        device = (params.model.device if state.num_processes == 1 else
-                  "cpu" if state.device.type == "cpu" else str(state.device))
-        pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=device,
+        pipe = load_pipeline(params.model.source, dtype=params.model.dtype,
+                             device=process_device(params, process_state(params)),
                              revision=params.model.revision)
     if lora_dir is None:
         return write_trajectories(pipe, prompts, seeds, params, out_dir, progress=progress)
@@ -136,7 +132,8 @@ def shared_groups(pipe, prompts: list[str], seeds: list[int], params: Params, cf
 
     One process: ``sample_groups`` over all of them. N processes: the groups are cut into the batches one process
     would run (``sample.batch_size`` images, whole groups), and process r runs batches r, r + N, r + 2N, ...; after
-    each round of N batches the main process gathers them (in memory, in process order) and yields their groups.
+    each round of N batches the main process gathers them (in memory, in process order: ``shared_batches``) and
+    yields their groups.
     Each batch holds the same groups, seeds and noise as in one process, so the dataset is the one process's byte
     for byte (with the same kernels: same device type, same dtype); the main process holds at most N batches."""
     from prefdiff.sampling.sampler import sample_groups
@@ -147,18 +144,13 @@ def shared_groups(pipe, prompts: list[str], seeds: list[int], params: Params, cf
                                  progress=progress)
         return
     per_batch = max(1, params.sample.batch_size // size)  # groups per batch, as sample_groups cuts them
-    starts = list(range(0, total, per_batch))
+    batches = [slice(start, start + per_batch) for start in range(0, total, per_batch)]
+
+    def run(rows: slice) -> list:
+        return list(sample_groups(pipe, prompts[rows], seeds[rows], size, cfg, batch_size=params.sample.batch_size))
+
     done = 0
-    for first in range(0, len(starts), state.num_processes):
-        mine = first + state.process_index
-        batch = []
-        if mine < len(starts):
-            rows = slice(starts[mine], starts[mine] + per_batch)
-            batch = list(sample_groups(pipe, prompts[rows], seeds[rows], size, cfg,
-                                       batch_size=params.sample.batch_size))
-        gathered = gather_to_main(batch, state)
-        if gathered is None:
-            continue
+    for gathered in shared_batches(batches, run, state):
         for groups in gathered:
             yield from groups
             done += len(groups)
