@@ -57,3 +57,15 @@ def wait_for_everyone(state) -> None:
 
     if state.num_processes > 1:
         dist.barrier(group=cpu_group())
+
+
+def gather_to_all(obj: Any, state) -> list[Any]:
+    """Every process's ``obj`` in process order, on every process (a collective, as ``gather_to_main``): for a
+    table every process needs whole after each computed a share of it. Pickled in memory over ``cpu_group``."""
+    import torch.distributed as dist
+
+    if state.num_processes == 1:
+        return [obj]
+    gathered: list[Any] = [None] * state.num_processes
+    dist.all_gather_object(gathered, obj, group=cpu_group())
+    return gathered
