@@ -5,14 +5,16 @@ in this process and compares. Tolerance: float sums run in another order with 2 
 its share's gradient, then DDP averages the two), so the weights agree to rounding, not bitwise:
 |w2 - w1| <= 1e-4 x the largest weight change of the one-process run (AdamW with eps 1, whose update is about
 lr x gradient, so a rounding difference is not amplified; a wrong scaling or a missing share moves the update
-by far more).
+by far more). D3PO's reference pass is the exception: each process computes whole batches of the one-process
+pass, so the table every process gathers is the one-process table bit for bit (OMP_NUM_THREADS=1 here and in
+the launched processes: the same kernels).
 """
 
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -20,13 +22,13 @@ from safetensors.torch import load_file
 
 from conftest import venv_env
 from prefdiff.config import parse_params
-from prefdiff.data.preferences import PreferenceStore
 from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.labeling.pairs import label_trajectories
 from prefdiff.models.lora import LORA_WEIGHT_NAME
 from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.scorers import get_scorer
 from prefdiff.training.fit import fit, shares, steps_per_epoch
+from prefdiff.training.methods import d3po
 from stages._common import launch_command
 
 DATA = {"sample": {"num_prompts": 2, "images_per_group": 3, "batch_size": 6}, "sampling": {"num_steps": 4}}
@@ -42,6 +44,9 @@ RUNS = [("d3po", D3PO, None), ("resumed", D3PO, 1), ("resumed", D3PO, None), ("d
 REPO = Path(__file__).resolve().parents[1]  # the worker imports this checkout's prefdiff
 NAMES = [name for name, _, _ in RUNS]
 RTOL = 1e-4  # of the largest update
+# (image, step) pairs per reference batch: 6 images x 4 steps in 4 batches, batches 0, 2 in process 0 and 1, 3 in
+# process 1 (the default 64 would make one batch, all in process 0)
+REFERENCE_BATCH = 6
 THRESHOLDED = {"implicit_acc", "clip_frac"}  # counts of float comparisons: see the curve check
 
 
@@ -62,7 +67,7 @@ def launched(tmp_path_factory):
     sample_dataset(parse_params(DATA), root / "traj", progress=lambda _: None)
     label_trajectories(TrajectoryStore.open(root / "traj"), get_scorer("jpeg_compressibility"), root / "prefs",
                        progress=lambda _: None)
-    spec = {"data": str(root), "out": str(root / "launched"),
+    spec = {"data": str(root), "out": str(root / "launched"), "reference_batch": REFERENCE_BATCH,
             "runs": [{"name": name, "overrides": overrides(train, 2), "stop_after_steps": stop}
                      for name, train, stop in RUNS]}
     (root / "spec.json").write_text(json.dumps(spec))
@@ -78,8 +83,20 @@ def launched(tmp_path_factory):
 
 
 def single(root: Path, out: Path, train: dict, stop=None):
-    return fit(parse_params(overrides(train, 1)), trajectories_dir=root / "traj", preferences_dir=root / "prefs",
-               out_dir=out / "trained", checkpoint_dir=out / "ckpt", progress=lambda _: None, stop_after_steps=stop)
+    with patch.object(d3po, "REFERENCE_BATCH", REFERENCE_BATCH):  # the launched processes' reference batches
+        return fit(parse_params(overrides(train, 1)), trajectories_dir=root / "traj", preferences_dir=root / "prefs",
+                   out_dir=out / "trained", checkpoint_dir=out / "ckpt", progress=lambda _: None,
+                   stop_after_steps=stop)
+
+
+@pytest.fixture(scope="module")
+def one_process(launched, tmp_path_factory):
+    """name -> (summary, dir) of the runs trained by this one process."""
+    runs = {}
+    for name, train in (("d3po", D3PO), ("dpo", DPO)):
+        out = tmp_path_factory.mktemp(f"one-{name}")
+        runs[name] = single(launched[0], out, train), out
+    return runs
 
 
 def assert_close(two: dict, one: dict, update: float) -> None:
@@ -89,13 +106,13 @@ def assert_close(two: dict, one: dict, update: float) -> None:
 
 
 @pytest.mark.parametrize(("name", "train"), [("d3po", D3PO), ("dpo", DPO)])
-def test_two_processes_train_the_one_process_update(launched, tmp_path, name, train):
-    root, out, reports = launched
-    one = single(root, tmp_path, train)
+def test_two_processes_train_the_one_process_update(launched, one_process, name, train):
+    _, out, reports = launched
+    one, one_dir = one_process[name]
     weights = [load_file(str(out / f"rank-{r}" / f"{name}.safetensors")) for r in range(2)]
     for key in weights[0]:  # DDP keeps the processes' weights identical
         assert torch.equal(weights[0][key], weights[1][key]), key
-    trained = load_file(str(tmp_path / "trained" / LORA_WEIGHT_NAME))
+    trained = load_file(str(one_dir / "trained" / LORA_WEIGHT_NAME))
     moved = max(float(v.abs().max()) for k, v in trained.items() if "lora.up" in k)  # up weights start at 0
     assert moved > 1e-4  # the comparison below is not between two untrained LoRAs
     assert_close(load_file(str(out / name / "trained" / LORA_WEIGHT_NAME)), trained, moved)
@@ -126,6 +143,25 @@ def test_each_process_trains_its_share_of_every_micro_batch(launched):
         assert sorted(report[0]["rows"] + report[1]["rows"]) == sorted(list(range(items)) * units * tp.epochs)
         if name == "d3po":  # 2 rows per micro-batch: exactly half of the items each
             assert expected[0] == expected[1] == items * units * tp.epochs // 2
+
+
+def test_each_process_computes_half_of_the_reference_pass_and_holds_the_one_process_table(launched, one_process):
+    """D3PO's reference log-probs: process r computes reference batches r, r + 2, ... of the one-process pass, and
+    every process ends with the whole table, equal bit for bit to the one that one process computes."""
+    assert torch.get_num_threads() == 1, "the bitwise comparison needs the launched processes' kernels: OMP_NUM_THREADS=1"
+    _, out, reports = launched
+    computed = [r[NAMES.index("d3po")]["reference"] for r in reports]
+    one_table = load_file(str(one_process["d3po"][1] / "ckpt" / "state" / "state.safetensors"))["precomputed.ref_logp"]
+    images, steps = one_table.shape
+    pairs = [[i, j] for i in range(images) for j in range(steps)]
+    batches = [pairs[k : k + REFERENCE_BATCH] for k in range(0, len(pairs), REFERENCE_BATCH)]
+    assert len(batches) == 4
+    for rank in range(2):
+        assert computed[rank] == [p for batch in batches[rank::2] for p in batch]  # half each, whole batches
+        table = load_file(str(out / f"rank-{rank}" / "d3po-precomputed.safetensors"))["ref_logp"]
+        assert torch.equal(table, one_table), float((table - one_table).abs().max())
+    # the resumed run read the table from the checkpoint: no process recomputed any of it
+    assert [r[NAMES.index("resumed") + 1]["reference"] for r in reports] == [[], []]
 
 
 def test_only_the_main_process_writes(launched):

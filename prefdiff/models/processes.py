@@ -86,3 +86,15 @@ def shared_batches(batches: Sequence[Batch], work: Callable[[Batch], Result], st
         gathered = gather_to_main(result, state)
         if gathered is not None:
             yield gathered[:min(n, len(batches) - first)]
+
+
+def gather_to_all(obj: Any, state) -> list[Any]:
+    """Every process's ``obj`` in process order, on every process (a collective, as ``gather_to_main``): for a
+    table every process needs whole after each computed a share of it. Pickled in memory over ``cpu_group``."""
+    import torch.distributed as dist
+
+    if state.num_processes == 1:
+        return [obj]
+    gathered: list[Any] = [None] * state.num_processes
+    dist.all_gather_object(gathered, obj, group=cpu_group())
+    return gathered

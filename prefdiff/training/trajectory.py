@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from prefdiff.data.trajectories import TrajectoryStore
+from prefdiff.models.processes import gather_to_all
 from prefdiff.sampling.ddim import check_log_probs_defined, ddim_step_with_logprob
 from prefdiff.sampling.guidance import Conditioning, guided_noise_pred
 from prefdiff.training.fit import PromptTable
@@ -35,23 +36,41 @@ def step_log_probs(unet, scheduler, chain, timesteps, embeds, uncond, rows, step
 
 @torch.no_grad()
 def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: float, batch_size: int,
-                        first_steps: int | None = None, bar=None) -> torch.Tensor:
+                        first_steps: int | None = None, bar=None, processes=None) -> torch.Tensor:
     """log pi_ref(x_{j+1} | x_j) for every image and step [N, T], with whatever adapter state ``pipe`` is in.
 
     chain [N, T+1, C, H, W] fp32, timesteps [T], embeds a ``Conditioning`` of N rows, uncond of 1 row.
     ``first_steps`` W: only the chain's first W steps, [N, W] (what a ``timestep_window`` trains on).
     ``bar``: the caller's progress bar (``prefdiff.progress``), advanced by the (image, step) pairs done.
+    ``processes``: the accelerate state of the run's processes when several share the pass. The (image, step)
+    pairs are cut into the batches of ``batch_size`` one process runs, process r of P runs batches r, r + P, ...
+    and every process gets the whole table (``gather_to_all``): each batch holds what it holds in one process,
+    so with the same kernels the table is the one-process table bit for bit.
     """
     n, steps = chain.shape[0], (chain.shape[1] - 1 if first_steps is None else first_steps)
-    out = torch.empty(n, steps)
     flat = [(i, j) for i in range(n) for j in range(steps)]
-    for start in range(0, len(flat), batch_size):
-        ii = torch.tensor([i for i, _ in flat[start : start + batch_size]])
-        jj = torch.tensor([j for _, j in flat[start : start + batch_size]])
-        out[ii, jj] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
+    starts = range(0, len(flat), batch_size)
+    rank, count = (0, 1) if processes is None else (processes.process_index, processes.num_processes)
+
+    def batch(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.tensor([i for i, _ in flat[start : start + batch_size]]),
+                torch.tensor([j for _, j in flat[start : start + batch_size]]))
+
+    mine: dict[int, torch.Tensor] = {}
+    for start in starts[rank::count]:
+        ii, jj = batch(start)
+        mine[start] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
                                      guidance=cfg.guidance_scale, eta=eta).cpu()
         if bar is not None:
             bar.update(len(ii))
+    out = torch.empty(n, steps)
+    shares = [mine] if count == 1 else gather_to_all(mine, processes)
+    for r, share in enumerate(shares):
+        for start, values in share.items():
+            ii, jj = batch(start)
+            out[ii, jj] = values
+            if bar is not None and r != rank:  # the other processes' pairs: the bar ends with the whole table
+                bar.update(len(ii))
     return out
 
 

@@ -7,7 +7,8 @@ batched guided UNet forward of the policy on both images of every pair scores th
 - the reference policy never changes during a round, so its log-probs are computed once per (image, step)
   before training, batched, under no_grad (adapters disabled = base, or the round's start adapter for
   "previous_round", or the starting UNet when fine-tuning it fully), instead of once per epoch with a
-  deep-copied UNet; they are saved with every checkpoint, so a resumed run does not recompute them;
+  deep-copied UNet; they are saved with every checkpoint, so a resumed run does not recompute them; N processes
+  (``train.num_processes``) share that pass, batch by batch, and gather the whole table;
 - policy forwards batch both images and both guidance branches into one UNet call.
 """
 
@@ -19,6 +20,10 @@ from prefdiff.progress import progress_bar
 from prefdiff.training.fit import FitContext, Method, Unit
 from prefdiff.training.losses import d3po_loss
 from prefdiff.training.trajectory import TrajectoryImages, reference_log_probs
+
+
+# (image, step) pairs per reference forward: the batches one process runs, which N processes share out whole
+REFERENCE_BATCH = 64
 
 
 class D3PO(Method):
@@ -53,11 +58,13 @@ class D3PO(Method):
         self.ctx.progress(f"reference log-probs for {images.chain.shape[0]} images x {steps} "
                           f"steps from the {reference}")
         sampling = self.ctx.params.sampling
+        acc = model.accelerator
         with (model.starting_reference(),
-              progress_bar(desc="reference log-probs", total=images.chain.shape[0] * steps, unit="img-step") as bar):
+              progress_bar(desc="reference log-probs", total=images.chain.shape[0] * steps, unit="img-step",
+                           disable=not acc.is_main_process) as bar):
             ref_logp = reference_log_probs(model.pipe, images.chain, images.timesteps, images.embeds, images.uncond,
-                                           sampling, eta=sampling.eta, batch_size=64,
-                                           first_steps=self.timestep_window, bar=bar)
+                                           sampling, eta=sampling.eta, batch_size=REFERENCE_BATCH,
+                                           first_steps=self.timestep_window, bar=bar, processes=acc)
         return {"ref_logp": ref_logp}
 
     def describe(self) -> str:
