@@ -274,10 +274,11 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
         for step_index in steps:
             count += 1
             last = count == backwards
-            if len(share) == 0 and not last:  # fewer rows than processes: nothing of this unit here
+            if len(share) == 0 and not (last or model.sharded):  # fewer rows than processes: none here
                 on_backward()
                 continue
-            # The last backward all-reduces, so every process runs it: an empty share trains one row with weight 0.
+            # The last backward all-reduces (and under FSDP every forward and backward gathers weights), so every
+            # process runs it: an empty share trains one row with weight 0.
             weight, mine = (len(share) / len(micro), share) if len(share) else (0.0, torch.arange(1))
             unit = Unit(micro[mine], generator, None if step_index is None else step_index[mine], micro, mine,
                         padding=not weight)
@@ -465,7 +466,7 @@ def fit(
     model.accelerator.wait_for_everyone()  # every process has read the checkpoint before the main one may remove it
     if saved is not None:
         model.load_weights(saved.weights)
-        model.optimizer.load_state_dict(saved.optimizer)
+        model.load_optimizer_state(saved.optimizer)
         curve, start_step, method.precomputed = saved.curve, saved.step, saved.precomputed
         progress(f"resuming from checkpoint at optimizer step {start_step}/{total_steps}")
     else:
@@ -517,14 +518,20 @@ def fit(
             bar.set_postfix_str(f"step {plan.step}/{total_steps} loss {step.means['loss']:.5g}", refresh=False)
             if skipped > tp.max_nonfinite_steps:
                 raise NumericsError(too_many_nonfinite(params, plan.step, total_steps, step, curve))
-            if main and snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0 or epoch == tp.epochs):
-                with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
-                    model.save(tmp)
+            # sharded (FSDP): gathering the weights is a collective, so every process gathers and the main one writes
+            gathers = main or model.sharded
+            if gathers and snapshots and plan.epoch_done and (epoch % tp.snapshot_every_epochs == 0
+                                                              or epoch == tp.epochs):
+                weights = model.weights() if model.sharded else None
+                if main:
+                    with atomic_dir(snapshot_dir / f"epoch-{epoch:04d}") as tmp:
+                        model.save(tmp, weights)
             interrupted = stop_after_steps is not None and plan.step - start_step >= stop_after_steps
-            if main and (plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted):
-                save_checkpoint(state_dir, fingerprint=fingerprint, step=plan.step, weights=model.weights(),
-                                optimizer_state=model.optimizer.state_dict(), precomputed=method.precomputed,
-                                curve=curve)
+            if gathers and (plan.step % tp.checkpoint_every == 0 or plan.step == total_steps or interrupted):
+                weights, optimizer_state = model.weights(), model.optimizer_state()
+                if main:
+                    save_checkpoint(state_dir, fingerprint=fingerprint, step=plan.step, weights=weights,
+                                    optimizer_state=optimizer_state, precomputed=method.precomputed, curve=curve)
             if interrupted:
                 model.accelerator.wait_for_everyone()  # the checkpoint is written when any process returns
                 return summary(plan.step)
@@ -534,9 +541,10 @@ def fit(
         raise NumericsError(why)
     # The final weights at the top of out_dir, the epoch snapshots below them, written as one unit so a
     # crash never leaves a partial dir.
+    weights = model.weights() if model.sharded else None  # a collective: every process gathers
     if main:
         with atomic_dir(out_dir) as tmp:
-            model.save(tmp)
+            model.save(tmp, weights)
             if snapshot_dir.is_dir():
                 shutil.copytree(snapshot_dir, tmp / "snapshots")
     model.accelerator.wait_for_everyone()  # out_dir is complete when any process returns

@@ -29,6 +29,7 @@ from prefdiff.config import Params, TrainParams
 from prefdiff.models import lora
 from prefdiff.models.finetuned import FULL_UNET_DIR
 from prefdiff.models.processes import process_state
+from prefdiff.training import sharding
 
 
 def effective_lr(tp: TrainParams) -> float:
@@ -72,11 +73,14 @@ class TrainableUNet:
         round), else it is loaded here."""
         from accelerate import Accelerator
 
-        from prefdiff.models.loading import load_pipeline
+        from prefdiff.models.loading import DeviceError, load_pipeline
 
         tp = params.train
         self.tp = tp
         self.accelerator = Accelerator(mixed_precision=tp.mixed_precision, cpu=process_state(params).device.type == "cpu")
+        refusal = sharding.fsdp_refusal(self.accelerator, tp.finetune, tp.optimizer)
+        if refusal is not None:
+            raise DeviceError(refusal)
         if pipe is None:
             device = self.accelerator.device  # a launched CPU process's is "cpu:0", which model.device does not name
             pipe = load_pipeline(params.model.source, dtype=params.model.dtype,
@@ -110,6 +114,10 @@ class TrainableUNet:
         optimizer = make_optimizer(tp, trainable, self.base_lr)
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
+        # FSDP (``sharding``) replaces every parameter by its shard: clipping must see the prepared parameters
+        self.sharded = any(sharding.is_sharded(p) for p in self.raw_unet.parameters())
+        if tp.finetune == "full":
+            self.trainable = list(self.raw_unet.parameters())
         kind = f"LoRA r={tp.lora_rank}" if tp.finetune == "lora" else "full UNet"
         progress(f"training {kind}: {self.num_trainable:,} parameters, {tp.optimizer}, lr {self.base_lr:g}")
 
@@ -144,16 +152,24 @@ class TrainableUNet:
         return nullcontext()
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Trainable weights (LoRA, or every UNet weight; detached CPU fp32 copies) for checkpoints."""
+        """Trainable weights (LoRA, or every UNet weight; detached CPU fp32 copies) for checkpoints. Sharded
+        (FSDP): gathered whole on every process, a collective every process calls."""
         if self.tp.finetune == "lora":
             return lora.lora_state_dict(self.raw_unet)
-        return {k: v.detach().float().cpu().clone() for k, v in self.raw_unet.state_dict().items()}
+        return sharding.full_state_dict(self.raw_unet)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if self.tp.finetune == "lora":
             lora.set_lora_state_dict(self.raw_unet, weights)
         else:
-            self.raw_unet.load_state_dict(weights, strict=True)
+            sharding.load_full_state_dict(self.raw_unet, weights)
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict for checkpoints; sharded (FSDP): gathered whole, a collective."""
+        return sharding.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        sharding.load_full_optimizer_state(self.optimizer, state)
 
     def set_lr(self, step: int, total_steps: int) -> float:
         lr = lr_at(step, self.base_lr, warmup_steps(self.tp, total_steps))
@@ -164,7 +180,7 @@ class TrainableUNet:
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to ``max_grad_norm``; returns their norm before clipping as a device tensor (the
         caller reads it with the step's metrics, in one transfer)."""
-        return torch.as_tensor(self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm))
+        return torch.as_tensor(sharding.full(self.accelerator.clip_grad_norm_(self.trainable, self.tp.max_grad_norm)))
 
     def optimizer_step(self, *, take: bool) -> None:
         """Step unless ``take`` is False (a non-finite loss or gradient norm), then zero the gradients.
@@ -177,12 +193,19 @@ class TrainableUNet:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self, out_dir: Path) -> None:
-        """Write the trained weights into ``out_dir`` (a LoRA, or the full UNet under ``unet/``)."""
+    def save(self, out_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the trained weights into ``out_dir`` (a LoRA, or the full UNet under ``unet/``). ``weights``: the
+        full UNet's ``weights()``, gathered by every process when sharded (the main process alone writes)."""
         if self.tp.finetune == "lora":
             lora.save_lora(self.raw_unet, out_dir)
-        else:
-            self.raw_unet.save_pretrained(out_dir / FULL_UNET_DIR, safe_serialization=True)
+        else:  # the layout of save_pretrained, from the gathered weights (a sharded module's are slices)
+            from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+            from safetensors.torch import save_file
+
+            unet_dir = out_dir / FULL_UNET_DIR
+            self.raw_unet.save_config(unet_dir)
+            save_file(self.weights() if weights is None else weights, str(unet_dir / SAFETENSORS_WEIGHTS_NAME),
+                      metadata={"format": "pt"})
 
 
 __all__ = ["TrainableUNet", "effective_lr", "lr_at"]
