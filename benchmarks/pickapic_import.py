@@ -19,8 +19,9 @@ image resized; the case ``--jpeg-draft`` speeds up). For each it prints the conf
 seconds over ``--repeats``, rows/s of each, the ratio of the rows/s (the old path may import fewer rows,
 ``--old-rows``: its cost per row does not depend on the count), and the same on CPU seconds: the process's
 own plus its worker processes' (``RUSAGE_CHILDREN``: the pool's workers are joined before the import
-returns), which a shared machine's load moves much less than wall seconds. The machine's load average is
-printed before and after.
+returns), which a shared machine's load moves much less than wall seconds, and the main process's share
+of it (reading the parquet, writing the shards: serial, so it bounds the rows/s any number of workers can
+reach). The machine's load average is printed before and after.
 
 Usage: python -m benchmarks.pickapic_import [--rows 400] [--old-rows N] [--size 512] [--workers N] [--repeats 3]
        [--cases at_target,at_target_flip,larger,double] [--batch-rows 64] [--encoding raw|png] [--jpeg-draft]
@@ -165,19 +166,22 @@ def _cpu(fn) -> float:
     return time.process_time() - t0
 
 
-def _cpu_with_children() -> float:
-    """CPU seconds (user + system) of this process and of its children that have been waited for."""
+def _cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process, and of its children that have been waited for."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def timed(fn, out: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process and the worker processes it started and joined)."""
+def timed(fn, out: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process and the worker processes it started and joined, CPU
+    seconds of this process alone)."""
     if out.exists():
         shutil.rmtree(out)
-    c0, t0 = _cpu_with_children(), time.perf_counter()
+    (own0, kids0), t0 = _cpu(), time.perf_counter()
     fn(out)
-    return time.perf_counter() - t0, _cpu_with_children() - c0
+    wall = time.perf_counter() - t0
+    own1, kids1 = _cpu()
+    return wall, own1 - own0 + kids1 - kids0, own1 - own0
 
 
 def dir_stats(root: Path) -> tuple[int, int]:
@@ -222,15 +226,16 @@ def main(argv: list[str] | None = None) -> int:
             config = ImportConfig(resolution=args.size, hflip=hflip)
             new_config = ImportConfig(resolution=args.size, hflip=hflip, encoding=args.encoding,
                                       jpeg_draft=args.jpeg_draft)
-            old_t, new_t, old_c, new_c = [], [], [], []
+            old_t, new_t, old_c, new_c, main_c = [], [], [], [], []
             for _ in range(args.repeats):  # interleaved, so a load change hits both paths alike
-                wall, cpu = timed(lambda out: old_import(old_parquet, out, config), work / f"{case}_old")
+                wall, cpu, _ = timed(lambda out: old_import(old_parquet, out, config), work / f"{case}_old")
                 old_t.append(wall)
                 old_c.append(cpu)
-                wall, cpu = timed(lambda out: new_import(parquet, out, new_config, args.workers, args.batch_rows),
-                                  work / f"{case}_new")
+                wall, cpu, main_cpu = timed(lambda out: new_import(parquet, out, new_config, args.workers,
+                                                                   args.batch_rows), work / f"{case}_new")
                 new_t.append(wall)
                 new_c.append(cpu)
+                main_c.append(main_cpu)
             old_files, old_bytes = dir_stats(work / f"{case}_old")
             new_files, new_bytes = dir_stats(work / f"{case}_new")
             kept = json.loads((work / f"{case}_new" / "index.json").read_text())["source"]["images_kept"]
@@ -251,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{[round(t, 2) for t in new_c]}); rows per CPU-s ratio {(args.rows / nc) / (old_rows / oc):.1f}x; "
                   f"the same x{args.workers} (the wall ratio if {args.workers} cores were fully used): "
                   f"{args.workers * (args.rows / nc) / (old_rows / oc):.1f}x")
+            mc = statistics.median(main_c)
+            print(f"  of the new path's CPU, the main process (reads parquet, writes shards; serial): median {mc:.2f} s "
+                  f"({100 * mc / nc:.0f}%): whatever the workers, it caps the import at {args.rows / mc:.0f} rows/s on "
+                  "this CPU")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
