@@ -166,7 +166,7 @@ def _cpu(fn) -> float:
     return time.process_time() - t0
 
 
-def _cpu() -> tuple[float, float]:
+def _rusage_cpu() -> tuple[float, float]:
     """CPU seconds (user + system) of this process, and of its children that have been waited for."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
@@ -177,10 +177,10 @@ def timed(fn, out: Path) -> tuple[float, float, float]:
     seconds of this process alone)."""
     if out.exists():
         shutil.rmtree(out)
-    (own0, kids0), t0 = _cpu(), time.perf_counter()
+    (own0, kids0), t0 = _rusage_cpu(), time.perf_counter()
     fn(out)
     wall = time.perf_counter() - t0
-    own1, kids1 = _cpu()
+    own1, kids1 = _rusage_cpu()
     return wall, own1 - own0 + kids1 - kids0, own1 - own0
 
 
