@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="pickapic_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"config: rows={args.rows} old_rows={old_rows} resolution={args.size} workers={args.workers} repeats={args.repeats} "
-          f"batch_rows={args.batch_rows} encoding={args.encoding} jpeg_draft={args.jpeg_draft} cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
+          f"batch_rows={args.batch_rows} encoding={args.encoding} jpeg_draft={args.jpeg_draft} "
+          f"cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
           f"load_avg_before={os.getloadavg()}")
     print(f"encoders, {args.size} px photo, median of 4 images: {encoders(args.size)}")
     try:
@@ -251,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{2 * (args.rows - info['ties'])} images kept as stored)  runs {[round(t, 2) for t in new_t]}")
             print(f"  speed-up (new rows/s at its median / old rows/s at its median): "
                   f"{(args.rows / n) / (old_rows / o):.1f}x")
-            print(f"  CPU seconds (own + joined workers): old median {oc:.2f} s ({old_rows / oc:.1f} rows per CPU-s, runs "
+            print(f"  CPU seconds (own + joined workers): old median {oc:.2f} s ({old_rows / oc:.1f} rows per CPU-s, "
+                  "runs "
                   f"{[round(t, 2) for t in old_c]}); new median {nc:.2f} s ({args.rows / nc:.1f} rows per CPU-s, runs "
                   f"{[round(t, 2) for t in new_c]}); rows per CPU-s ratio {(args.rows / nc) / (old_rows / oc):.1f}x; "
                   f"the same x{args.workers} (the wall ratio if {args.workers} cores were fully used): "
                   f"{args.workers * (args.rows / nc) / (old_rows / oc):.1f}x")
             mc = statistics.median(main_c)
-            print(f"  of the new path's CPU, the main process (reads parquet, writes shards; serial): median {mc:.2f} s "
+            print(f"  of the new path's CPU, the main process (reads parquet, writes shards; serial): median "
+                  f"{mc:.2f} s "
                   f"({100 * mc / nc:.0f}%): whatever the workers, it caps the import at {args.rows / mc:.0f} rows/s on "
                   "this CPU")
     finally:

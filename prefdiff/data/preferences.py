@@ -270,7 +270,7 @@ class ImagePairWriter:
     """Streaming writer of an image-only preference dataset (imported pairs; no trajectories).
 
     Pair ``i`` gets group_id ``i`` and image ids ``2i`` (winner) / ``2i+1`` (loser); the images are the
-    encoded bytes given (a JPEG kept as the source had it, or a PNG of a transformed image), appended to
+    encoded bytes given (a JPEG kept as the source had it, or a transformed image, raw PPM or PNG), appended to
     ``images/shard-%05d.safetensors`` shards of about ``shard_bytes`` bytes (:mod:`prefdiff.data.image_shards`).
     Everything goes to ``<out_dir>.tmp-<pid>``; :meth:`close` writes the last shard, pairs.jsonl, then
     index.json last, then swaps the directory in. Used as a context manager, an exception deletes the temp
