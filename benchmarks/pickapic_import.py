@@ -12,6 +12,9 @@ distinct images per size, cycled over the rows; one row in ten a tie), then impo
   size and not flipped, else transformed once and stored as ``--encoding``: raw (default) or PNG;
   ``--jpeg-draft`` decodes JPEGs at a reduced scale first; safetensors shards).
 
+First it prints per-image figures: CPU time and size of the two lossless encoders, CPU time of the
+training loader decoding each, and how far ``jpeg_draft``'s pixels are from a full decode's.
+
 Cases (``--cases``): ``at_target`` (sources already resolution x resolution, no flip: the new path keeps
 every JPEG), ``at_target_flip`` (same, ``hflip: per_image``: about half transformed), ``larger`` (sources
 1.5x the resolution, non-square: every image resized), ``double`` (sources 2x the resolution, square: every
@@ -160,6 +163,41 @@ def encoders(size: int, samples: int = 4) -> str:
     return "; ".join(cols)
 
 
+def decoders(size: int, samples: int = 4) -> str:
+    """CPU ms to decode one stored ``size`` px image as the training loader does: raw (PPM) vs ``encode_png``."""
+    from prefdiff.data.pickapic import encode_png, encode_raw
+
+    def load(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+
+    cols = []
+    for name, fn in (("raw", encode_raw), ("encode_png", encode_png)):
+        stored = [fn(photo(size, size, 1000 + k)) for k in range(samples)]
+        ms = [min(_cpu(lambda: load(data)) for _ in range(3)) * 1000 for data in stored]
+        cols.append(f"{name}: {statistics.median(ms):.1f} ms CPU")
+    return "; ".join(cols)
+
+
+def draft_difference(size: int, samples: int = 4) -> str:
+    """|pixel difference| (levels of 255) between ``jpeg_draft`` and the full decode, on 2x-size photo JPEGs."""
+    from prefdiff.data.pickapic import ImportConfig, stored_image
+
+    diffs = []
+    for k in range(samples):
+        data = jpeg(photo(2 * size, 2 * size, 2000 + k))
+        out = []
+        for draft in (False, True):
+            stored, _, _ = stored_image(data, ImportConfig(resolution=size, jpeg_draft=draft), u_top=0.0, u_left=0.0,
+                                        flip=False, where="benchmark")
+            with Image.open(io.BytesIO(stored)) as im:
+                out.append(np.asarray(im.convert("RGB"), dtype=np.int16))
+        diffs.append(np.abs(out[0] - out[1]).ravel())
+    d = np.concatenate(diffs)
+    return (f"mean {d.mean():.2f}, 99.9th percentile {np.percentile(d, 99.9):.0f}, max {d.max()} "
+            f"({samples} images)")
+
+
 def _cpu(fn) -> float:
     t0 = time.process_time()
     fn()
@@ -217,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
           f"cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
           f"load_avg_before={os.getloadavg()}")
     print(f"encoders, {args.size} px photo, median of 4 images: {encoders(args.size)}")
+    print(f"training-time decode of a stored {args.size} px photo, median of 4: {decoders(args.size)}")
+    print(f"jpeg_draft vs full decode, {2 * args.size} px photo JPEGs -> {args.size} px: "
+          f"{draft_difference(args.size)}")
     try:
         for case in args.cases.split(","):
             (fw, fh), hflip = CASES[case]
