@@ -9,17 +9,26 @@ distinct images per size, cycled over the rows; one row in ten a tie), then impo
   the same transform (``transform_image``: resize, crop, flip), encode each as a PNG at PIL's default
   level, write it as its own file ``images/{id:06d}.png``, hash it, and append the row to pairs.jsonl;
 - new: ``import_pickapic`` with ``--workers`` processes (images kept as stored when already at the target
-  size and not flipped, else one lossless PNG encode, ``encode_png``; safetensors shards).
+  size and not flipped, else transformed once and stored as ``--encoding``: raw (default) or PNG;
+  ``--jpeg-draft`` decodes JPEGs at a reduced scale first; safetensors shards).
+
+First it prints per-image figures: CPU time and size of the two lossless encoders, CPU time of the
+training loader decoding each, and how far ``jpeg_draft``'s pixels are from a full decode's.
 
 Cases (``--cases``): ``at_target`` (sources already resolution x resolution, no flip: the new path keeps
-every JPEG), ``at_target_flip`` (same, ``hflip: per_image``: about half re-encoded), ``larger`` (sources
-1.5x the resolution, non-square: every image resized and re-encoded). For each it prints the config, the
-median and min seconds over ``--repeats``, rows/s of each, and the ratio of the rows/s (the old path may
-import fewer rows, ``--old-rows``: its cost per row does not depend on the count). The machine's load
-average is printed before and after: on a shared machine the numbers move with it.
+every JPEG), ``at_target_flip`` (same, ``hflip: per_image``: about half transformed), ``larger`` (sources
+1.5x the resolution, non-square: every image resized), ``double`` (sources 2x the resolution, square: every
+image resized; the case ``--jpeg-draft`` speeds up). For each it prints the config, the median and min wall
+seconds over ``--repeats``, rows/s of each, the ratio of the rows/s (the old path may import fewer rows,
+``--old-rows``: its cost per row does not depend on the count), and the same on CPU seconds: the process's
+own plus its worker processes' (``RUSAGE_CHILDREN``: the pool's workers are joined before the import
+returns), which a shared machine's load moves much less than wall seconds, and the main process's share
+of it (reading the parquet, writing the shards: serial, so it bounds the rows/s any number of workers can
+reach). The machine's load average is printed before and after.
 
 Usage: python -m benchmarks.pickapic_import [--rows 400] [--old-rows N] [--size 512] [--workers N] [--repeats 3]
-       [--cases at_target,at_target_flip,larger] [--batch-rows 64] [--keep DIR]
+       [--cases at_target,at_target_flip,larger,double] [--batch-rows 64] [--encoding raw|png] [--jpeg-draft]
+       [--keep DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -42,6 +52,7 @@ CASES = {  # name: (source size as a multiple of the resolution (w, h), hflip)
     "at_target": ((1.0, 1.0), "none"),
     "at_target_flip": ((1.0, 1.0), "per_image"),
     "larger": ((1.5, 1.25), "none"),
+    "double": ((2.0, 2.0), "none"),
 }
 DISTINCT_IMAGES = 64
 
@@ -152,18 +163,63 @@ def encoders(size: int, samples: int = 4) -> str:
     return "; ".join(cols)
 
 
+def decoders(size: int, samples: int = 4) -> str:
+    """CPU ms to decode one stored ``size`` px image as the training loader does: raw (PPM) vs ``encode_png``."""
+    from prefdiff.data.pickapic import encode_png, encode_raw
+
+    def load(data: bytes) -> np.ndarray:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+
+    cols = []
+    for name, fn in (("raw", encode_raw), ("encode_png", encode_png)):
+        stored = [fn(photo(size, size, 1000 + k)) for k in range(samples)]
+        ms = [min(_cpu(lambda: load(data)) for _ in range(3)) * 1000 for data in stored]
+        cols.append(f"{name}: {statistics.median(ms):.1f} ms CPU")
+    return "; ".join(cols)
+
+
+def draft_difference(size: int, samples: int = 4) -> str:
+    """|pixel difference| (levels of 255) between ``jpeg_draft`` and the full decode, on 2x-size photo JPEGs."""
+    from prefdiff.data.pickapic import ImportConfig, stored_image
+
+    diffs = []
+    for k in range(samples):
+        data = jpeg(photo(2 * size, 2 * size, 2000 + k))
+        out = []
+        for draft in (False, True):
+            stored, _, _ = stored_image(data, ImportConfig(resolution=size, jpeg_draft=draft), u_top=0.0, u_left=0.0,
+                                        flip=False, where="benchmark")
+            with Image.open(io.BytesIO(stored)) as im:
+                out.append(np.asarray(im.convert("RGB"), dtype=np.int16))
+        diffs.append(np.abs(out[0] - out[1]).ravel())
+    d = np.concatenate(diffs)
+    return (f"mean {d.mean():.2f}, 99.9th percentile {np.percentile(d, 99.9):.0f}, max {d.max()} "
+            f"({samples} images)")
+
+
 def _cpu(fn) -> float:
     t0 = time.process_time()
     fn()
     return time.process_time() - t0
 
 
-def timed(fn, out: Path) -> float:
+def _rusage_cpu() -> tuple[float, float]:
+    """CPU seconds (user + system) of this process, and of its children that have been waited for."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def timed(fn, out: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of this process and the worker processes it started and joined, CPU
+    seconds of this process alone)."""
     if out.exists():
         shutil.rmtree(out)
-    t0 = time.perf_counter()
+    (own0, kids0), t0 = _rusage_cpu(), time.perf_counter()
     fn(out)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    own1, kids1 = _rusage_cpu()
+    return wall, own1 - own0 + kids1 - kids0, own1 - own0
 
 
 def dir_stats(root: Path) -> tuple[int, int]:
@@ -185,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--batch-rows", type=int, default=64)
+    ap.add_argument("--encoding", choices=("raw", "png"), default=ImportConfig.encoding,
+                    help="how the new path stores transformed images (label.pickapic.encoding)")
+    ap.add_argument("--jpeg-draft", action="store_true", help="label.pickapic.jpeg_draft: true for the new path")
     ap.add_argument("--keep", type=Path, default=None, help="build the data here and keep it (default: a temp dir)")
     args = ap.parse_args(argv)
     old_rows = args.old_rows or args.rows
@@ -192,9 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="pickapic_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"config: rows={args.rows} old_rows={old_rows} resolution={args.size} workers={args.workers} repeats={args.repeats} "
-          f"batch_rows={args.batch_rows} cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
+          f"batch_rows={args.batch_rows} encoding={args.encoding} jpeg_draft={args.jpeg_draft} "
+          f"cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
           f"load_avg_before={os.getloadavg()}")
     print(f"encoders, {args.size} px photo, median of 4 images: {encoders(args.size)}")
+    print(f"training-time decode of a stored {args.size} px photo, median of 4: {decoders(args.size)}")
+    print(f"jpeg_draft vs full decode, {2 * args.size} px photo JPEGs -> {args.size} px: "
+          f"{draft_difference(args.size)}")
     try:
         for case in args.cases.split(","):
             (fw, fh), hflip = CASES[case]
@@ -203,15 +266,23 @@ def main(argv: list[str] | None = None) -> int:
             info = write_parquet(parquet, args.rows, w, h)
             write_parquet(old_parquet, old_rows, w, h)  # the same rows, the first old_rows of them
             config = ImportConfig(resolution=args.size, hflip=hflip)
-            old_t, new_t = [], []
+            new_config = ImportConfig(resolution=args.size, hflip=hflip, encoding=args.encoding,
+                                      jpeg_draft=args.jpeg_draft)
+            old_t, new_t, old_c, new_c, main_c = [], [], [], [], []
             for _ in range(args.repeats):  # interleaved, so a load change hits both paths alike
-                old_t.append(timed(lambda out: old_import(old_parquet, out, config), work / f"{case}_old"))
-                new_t.append(timed(lambda out: new_import(parquet, out, config, args.workers, args.batch_rows),
-                                   work / f"{case}_new"))
+                wall, cpu, _ = timed(lambda out: old_import(old_parquet, out, config), work / f"{case}_old")
+                old_t.append(wall)
+                old_c.append(cpu)
+                wall, cpu, main_cpu = timed(lambda out: new_import(parquet, out, new_config, args.workers,
+                                                                   args.batch_rows), work / f"{case}_new")
+                new_t.append(wall)
+                new_c.append(cpu)
+                main_c.append(main_cpu)
             old_files, old_bytes = dir_stats(work / f"{case}_old")
             new_files, new_bytes = dir_stats(work / f"{case}_new")
             kept = json.loads((work / f"{case}_new" / "index.json").read_text())["source"]["images_kept"]
             o, n = statistics.median(old_t), statistics.median(new_t)
+            oc, nc = statistics.median(old_c), statistics.median(new_c)
             print(f"\ncase {case}: {args.rows} rows (one in ten a tie) of {w}x{h} JPEG (mean "
                   f"{info['jpeg_bytes_mean']} bytes) -> {args.size}px, hflip {hflip}")
             print(f"  old (1 process, PNG per file), {old_rows} rows: median {o:7.2f} s  min {min(old_t):7.2f} s  "
@@ -222,6 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{2 * (args.rows - info['ties'])} images kept as stored)  runs {[round(t, 2) for t in new_t]}")
             print(f"  speed-up (new rows/s at its median / old rows/s at its median): "
                   f"{(args.rows / n) / (old_rows / o):.1f}x")
+            print(f"  CPU seconds (own + joined workers): old median {oc:.2f} s ({old_rows / oc:.1f} rows per CPU-s, "
+                  "runs "
+                  f"{[round(t, 2) for t in old_c]}); new median {nc:.2f} s ({args.rows / nc:.1f} rows per CPU-s, runs "
+                  f"{[round(t, 2) for t in new_c]}); rows per CPU-s ratio {(args.rows / nc) / (old_rows / oc):.1f}x; "
+                  f"the same x{args.workers} (the wall ratio if {args.workers} cores were fully used): "
+                  f"{args.workers * (args.rows / nc) / (old_rows / oc):.1f}x")
+            mc = statistics.median(main_c)
+            print(f"  of the new path's CPU, the main process (reads parquet, writes shards; serial): median "
+                  f"{mc:.2f} s "
+                  f"({100 * mc / nc:.0f}%): whatever the workers, it caps the import at {args.rows / mc:.0f} rows/s on "
+                  "this CPU")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

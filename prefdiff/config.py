@@ -146,6 +146,9 @@ class PickapicImportParams(_Section):
     # not depend on it
     workers: int | None = Field(None, ge=1, le=1024)
     shard_mb: int = Field(128, ge=1, le=4096)  # images are stored many to a file: a shard closes at this many MiB
+    # a transformed image is stored raw (uncompressed RGB, PPM: no encode cost, ~2.5x PNG's bytes) or as png
+    encoding: Literal["raw", "png"] = "raw"
+    jpeg_draft: bool = False  # decode JPEGs >= 2x the target at reduced DCT scale: faster, not the official pixels
 
 
 class AnnotatorParams(_Section):

@@ -42,7 +42,8 @@ def main() -> None:
             pk = lp.pickapic
             source = Path(pk.path) if Path(pk.path).is_absolute() else paths.root / pk.path
             config = ImportConfig(resolution=pk.resolution, crop=pk.crop, hflip=pk.hflip, seed=pk.seed,
-                                  max_pairs=pk.max_pairs, on_bad_row=pk.on_bad_row, shard_bytes=pk.shard_mb * 2**20)
+                                  max_pairs=pk.max_pairs, on_bad_row=pk.on_bad_row, shard_bytes=pk.shard_mb * 2**20,
+                                  encoding=pk.encoding, jpeg_draft=pk.jpeg_draft)
             imported = import_pickapic([source], paths.preferences, config, workers=pk.workers, progress=say)
             log_metrics({"label/rows_read": imported.rows_read, "label/ties_dropped": imported.ties_dropped,
                          "label/rows_rejected": imported.rows_rejected, "label/images_kept": imported.images_kept})

@@ -90,14 +90,15 @@ def test_round_trip_center_crop(parquet: Path, tmp_path: Path, monkeypatch: pyte
     assert idx["schema_version"] == 3 and idx["trajectories"] is None
     assert idx["judge"] == {"name": "pickapic_import", "higher_is_better": True, "params": {
         "resolution": RES, "crop": "center", "hflip": "none", "seed": 0, "max_pairs": None, "on_bad_row": "error",
-        "shard_bytes": 128 * 2**20}}
+        "shard_bytes": 128 * 2**20, "encoding": "raw", "jpeg_draft": False}}
     src = idx["source"]
     assert src["kind"] == "images" and src["importer"] == "pickapic"
     assert (src["resolution"], src["crop"], src["hflip"], src["seed"]) == (RES, "center", "none", 0)
     assert (src["rows_read"], src["pairs_written"], src["ties_dropped"], src["rows_rejected"]) == (5, 4, 1, 0)
     assert src["files"] == s.files and src["num_images"] == 8 and src["rejections"] == []
     assert (src["images_kept"], src["images_encoded"]) == (0, 8)  # no source image is 32x32 already
-    (shard,) = idx["image_shards"]  # 8 small PNGs: one shard
+    assert "png_encoding" not in src  # transformed images stored raw (the default)
+    (shard,) = idx["image_shards"]  # 8 small raw images: one shard
     assert shard["file"] == "images/shard-00000.safetensors" and (shard["first_image_id"], shard["num_images"]) == (0, 8)
     assert shard["sha256"] == sha256_file(out / shard["file"])
     assert sorted(p.name for p in (out / "images").iterdir()) == ["shard-00000.safetensors"]
@@ -118,7 +119,7 @@ def test_round_trip_center_crop(parquet: Path, tmp_path: Path, monkeypatch: pyte
         for image, sha in ((p.winner_image, row["winner_sha256"]), (p.loser_image, row["loser_sha256"])):
             assert image.shard == (out / shard["file"]).resolve() and image.sha256 == sha
             with Image.open(io.BytesIO(image.read_bytes())) as im:
-                assert (im.format, im.size, im.mode) == ("PNG", (RES, RES), "RGB")
+                assert (im.format, im.size, im.mode) == ("PPM", (RES, RES), "RGB")
     # label 1: jpg_0 (red) wins; label 0: jpg_1 (yellow) wins over jpg_0 (green)
     assert colour_at(pairs[0].winner_image, 16, 16) == RED and colour_at(pairs[0].loser_image, 16, 16) == BLUE
     assert colour_at(pairs[1].winner_image, 16, 16) == YELLOW and colour_at(pairs[1].loser_image, 16, 16) == GREEN
@@ -195,7 +196,7 @@ def test_random_crop_determinism_and_meta_reproduce_pixels(tmp_path: Path) -> No
     run(src, b, crop="random", hflip="per_image", seed=3)
     run(src, c, crop="random", hflip="per_image", seed=4)
     run(src, d, crop="center", hflip="per_image", seed=3)
-    assert tree(a) == tree(b)  # same seed: byte-identical dataset (pairs, PNGs, index)
+    assert tree(a) == tree(b)  # same seed: byte-identical dataset (pairs, shards, index)
     corners = {k: [(r.winner_meta["crop_top_left"], r.loser_meta["crop_top_left"]) for r in _rows(k)]
                for k in (a, c, d)}
     assert corners[a] != corners[c]  # another seed crops elsewhere

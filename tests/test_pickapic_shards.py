@@ -1,5 +1,7 @@
-"""Pick-a-Pic import at scale: images kept byte for byte when no transform changes them, shards whose bytes do
-not depend on the number of worker processes, and imported pairs read from their shards by evaluation."""
+"""Pick-a-Pic import at scale: images kept byte for byte when no transform changes them, transformed ones
+stored raw or as PNG (both lossless), JPEGs optionally decoded at reduced scale, shards whose bytes do not
+depend on the number of worker processes, and imported pairs read from their shards by training and
+evaluation."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from PIL import Image
 
 from prefdiff.data import DatasetError
 from prefdiff.data.atomic import sha256_file
-from prefdiff.data.pickapic import ImportConfig, encode_png, import_pickapic, transform_image
+from prefdiff.data.pickapic import ImportConfig, encode_png, encode_raw, import_pickapic, transform_image
 from prefdiff.data.preferences import PreferenceStore
 from tests.pickapic_fixture import RED, default_rows, encode, gradient, half_split, write_synthetic_pickapic
 
@@ -35,26 +37,31 @@ def decode(data: bytes) -> Image.Image:
 
 
 def mixed_rows(n: int) -> list[dict]:
-    """Per row: jpg_0 a JPEG already RES x RES (kept unless flipped), jpg_1 a larger JPEG (always transformed);
-    every fifth row a tie, labels alternate."""
+    """Per row: jpg_0 a JPEG already RES x RES (kept unless flipped), jpg_1 a larger JPEG (always transformed;
+    every other one at least twice RES, which ``jpeg_draft`` decodes at half scale); every fifth row a tie,
+    labels alternate."""
     rows = []
     for i in range(n):
+        size = (48 + i % 3, 40) if i % 2 else (2 * RES + 5 + i % 3, 2 * RES + 1)
         rows.append({"jpg_0": encode(gradient(RES, RES, i), "JPEG", quality=90),
-                     "jpg_1": encode(gradient(48 + i % 3, 40, i + 7), "JPEG", quality=90),
+                     "jpg_1": encode(gradient(*size, i + 7), "JPEG", quality=90),
                      "label_0": 0.5 if i % 5 == 4 else float(i % 2), "caption": f"row {i}"})
     return rows
 
 
+@pytest.mark.parametrize("encoder,fmt", [(encode_png, "PNG"), (encode_raw, "PPM")])
 @pytest.mark.parametrize("size", [(1, 1), (3, 1), (1, 4), (37, 23), (64, 64)])
-def test_encode_png_is_lossless(size: tuple[int, int]) -> None:
+def test_encoders_are_lossless(size: tuple[int, int], encoder, fmt: str) -> None:
     rng = np.random.default_rng(size[0] * 100 + size[1])
     noise = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)  # every residual, overflow included
     for pixels in (noise, np.asarray(gradient(*size, 3))):
-        data = encode_png(Image.fromarray(pixels))
+        data = encoder(Image.fromarray(pixels))
         with Image.open(io.BytesIO(data)) as im:
-            assert (im.format, im.mode, im.size) == ("PNG", "RGB", size)
+            assert (im.format, im.mode, im.size) == (fmt, "RGB", size)
             assert np.array_equal(np.asarray(im), pixels)
-    assert encode_png(Image.fromarray(noise)) == encode_png(Image.fromarray(noise.copy()))
+    assert encoder(Image.fromarray(noise)) == encoder(Image.fromarray(noise.copy()))
+    if encoder is encode_raw:  # 15 header bytes for this size class, then the pixels as they are
+        assert data == b"P6\n%d %d\n255\n" % size + pixels.tobytes()
 
 
 def test_images_at_the_target_size_are_kept_byte_for_byte(tmp_path: Path) -> None:
@@ -73,7 +80,7 @@ def test_images_at_the_target_size_are_kept_byte_for_byte(tmp_path: Path) -> Non
             assert first.read_bytes() == r["jpg_0"]  # verbatim: the source's JPEG
             assert meta == {"original_size": (RES, RES), "crop_top_left": (0, 0)}
             stored = second.read_bytes()
-            assert stored != r["jpg_1"] and stored.startswith(b"\x89PNG")  # transformed, encoded once
+            assert stored != r["jpg_1"] and stored.startswith(b"P6\n")  # transformed, stored raw
             # the kept bytes decode to exactly what the transform would have stored
             cfg = ImportConfig(resolution=RES, crop=crop)
             expect, _ = transform_image(decode(r["jpg_0"]), cfg, u_top=0.3, u_left=0.7, flip=False)
@@ -99,12 +106,13 @@ def test_flipped_or_non_rgb_images_are_transformed(tmp_path: Path) -> None:
     assert s.images_kept == len(flipped) - sum(flipped)
 
 
-def test_shards_are_the_same_bytes_for_any_number_of_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoding,draft", [("raw", False), ("png", True)])
+def test_shards_are_the_same_bytes_for_any_number_of_workers(tmp_path: Path, encoding: str, draft: bool) -> None:
     rows = mixed_rows(24)
     rows[7]["jpg_1"] = b"not an image"  # rejected (skip) the same way in both runs
     src = write_synthetic_pickapic(tmp_path / "m.parquet", rows, row_group_size=5)
     cfg = ImportConfig(resolution=RES, crop="random", hflip="per_image", seed=11, on_bad_row="skip",
-                       shard_bytes=4000)
+                       shard_bytes=4000, encoding=encoding, jpeg_draft=draft)
     runs = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
@@ -166,3 +174,84 @@ def test_implicit_accuracy_reads_imported_pairs_from_their_shards(tmp_path: Path
     out = implicit_metrics(params, Paths(tmp_path / "ws"), load_pipeline("builtin:tiny-sd"), tmp_path / "zero", quiet)
     assert out["pairs_source"] == "data/pickapic_test"
     assert out["implicit_acc_elbo_pairs"] == 4 and out["implicit_acc_elbo"] == 0.5  # identical models: all ties
+
+
+def test_shard_file_is_what_safetensors_writes(tmp_path: Path) -> None:
+    """The hand-laid shard (no copies of the images) is byte for byte ``safetensors.numpy.save``'s."""
+    from safetensors.numpy import load_file, save
+
+    from prefdiff.data.image_shards import ImageShardWriter
+
+    images = [b"abc", b"", bytes(range(256)) * 3, b"x" * 13]
+    writer = ImageShardWriter(tmp_path, rel_dir="images", shard_bytes=10**6)
+    assert [writer.add(x) for x in images] == [0, 1, 2, 3]
+    (entry,) = writer.close()
+    data = (tmp_path / "shard-00000.safetensors").read_bytes()
+    offsets = np.cumsum([0] + [len(x) for x in images]).astype(np.int64)
+    tensors = {"bytes": np.frombuffer(b"".join(images), dtype=np.uint8), "offsets": offsets}
+    assert data == save(tensors, metadata={"prefdiff_image_shard": "1"})
+    assert entry["sha256"] == sha256_file(tmp_path / "shard-00000.safetensors") and entry["num_bytes"] == 784
+    loaded = load_file(str(tmp_path / "shard-00000.safetensors"))
+    assert np.array_equal(loaded["offsets"], offsets)
+
+
+def test_raw_and_png_store_the_same_pixels_and_training_reads_them(tmp_path: Path) -> None:
+    """Both encodings are lossless: the training loader gets exactly the transformed pixels (tolerance 0)."""
+    from prefdiff.training.images import load_pixels
+
+    rows = mixed_rows(8)
+    src = write_synthetic_pickapic(tmp_path / "m.parquet", rows)
+    got = {}
+    for encoding in ("raw", "png"):
+        out = tmp_path / encoding
+        s = import_pickapic([src], out, ImportConfig(resolution=RES, encoding=encoding), progress=quiet)
+        pairs = PreferenceStore.open(out).image_pairs()
+        assert s.images_kept == len(pairs)  # every jpg_0 kept, every jpg_1 transformed
+        stored = [p.winner_image.read_bytes() if r["label_0"] == 0.0 else p.loser_image.read_bytes()
+                  for p, r in zip(pairs, [r for r in rows if r["label_0"] != 0.5])]
+        assert all(x.startswith(b"P6\n" if encoding == "raw" else b"\x89PNG") for x in stored)
+        got[encoding] = load_pixels([q for p in pairs for q in (p.winner_image, p.loser_image)])
+        if encoding == "png":
+            assert PreferenceStore.open(out).index["source"]["png_encoding"]
+    assert torch_equal(got["raw"], got["png"])
+    decided = [r for r in rows if r["label_0"] != 0.5]
+    expect = []
+    for r in decided:  # winner first; center crop, no flip; [-1, 1] as the official ToTensor + Normalize
+        first, second = (r["jpg_0"], r["jpg_1"]) if r["label_0"] == 1.0 else (r["jpg_1"], r["jpg_0"])
+        for data in (first, second):
+            img, _ = transform_image(decode(data), ImportConfig(resolution=RES), u_top=0, u_left=0, flip=False)
+            expect.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0)
+    assert np.array_equal(got["raw"].numpy(), np.stack(expect))
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_within_a_stated_tolerance(tmp_path: Path) -> None:
+    """``jpeg_draft``: JPEGs >= 2x the resized size decode at 1/2 scale; meta and every other image unchanged."""
+    rows = mixed_rows(10)
+    src = write_synthetic_pickapic(tmp_path / "m.parquet", rows)
+    stores = {}
+    for draft in (False, True):
+        out = tmp_path / f"draft{draft}"
+        import_pickapic([src], out, ImportConfig(resolution=RES, crop="random", seed=2, jpeg_draft=draft),
+                        progress=quiet)
+        stores[draft] = PreferenceStore.open(out)
+    pairs = {d: stores[d].image_pairs() for d in stores}
+    diffs_large = []
+    for k, r in enumerate([r for r in rows if r["label_0"] != 0.5]):
+        a, b = pairs[False][k], pairs[True][k]
+        assert (a.winner_meta, a.loser_meta) == (b.winner_meta, b.loser_meta)  # the full-size source's geometry
+        for ia, ib in ((a.winner_image, b.winner_image), (a.loser_image, b.loser_image)):
+            pa = np.asarray(decode(ia.read_bytes()), dtype=np.int16)
+            pb = np.asarray(decode(ib.read_bytes()), dtype=np.int16)
+            if not np.array_equal(pa, pb):
+                diffs_large.append(np.abs(pa - pb))
+    n_large = sum(1 for r in rows if r["label_0"] != 0.5 and decode(r["jpg_1"]).width >= 2 * RES)
+    assert len(diffs_large) == n_large > 0  # exactly the >= 2x JPEGs changed (the kept and < 2x ones did not)
+    # Tolerance: libjpeg's 1/2-scale IDCT then a near-identity bilinear resize vs a full decode then a 2x
+    # bilinear (antialiased) reduction: different low-pass filters, equal on flat areas. On these smooth
+    # gradients the mean difference stays under 2 levels of 255 (README: mean 0.92, max 35 on photo-like
+    # 1024 px JPEGs -> 512 px).
+    assert all(d.mean() < 2.0 for d in diffs_large), [round(float(d.mean()), 2) for d in diffs_large]

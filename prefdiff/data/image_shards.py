@@ -9,9 +9,13 @@ One shard, ``shard-%05d.safetensors``, holds two tensors and one metadata key::
 Why safetensors rather than a tar or a parquet file of bytes: it is already the project's container (the
 trajectory shards; never pickle); reading image k is one slice of a memory map after a two-entry header
 (a tar needs its own offset index or a scan, parquet decodes a whole page or row group); and its bytes
-are a pure function of the tensors (tensor order is fixed by the library), so a shard's sha256, recorded
-in the dataset's index, addresses its content. Only ONE metadata key is written: safetensors 0.8 writes
-several in a random order (a hash map), which would make the bytes differ from run to run.
+are a pure function of the tensors, so a shard's sha256, recorded in the dataset's index, addresses its
+content. The writer lays the file out itself (:func:`_header`: the 8-byte header length, the JSON header
+padded to 8 bytes, then the tensors' bytes), rather than through ``safetensors.numpy.save``, which copies
+every image twice more (into one buffer, then into the file's bytes) and, with several metadata keys,
+orders them at random; the images go from the list they arrived in to the file and to the hash, once.
+The file is byte for byte what ``save`` writes for the same tensors (tested), and readers use the library
+(``safe_open``).
 
 Writers flush a shard as soon as its images reach ``shard_bytes`` bytes (the image that crosses the
 threshold stays in it), so shard boundaries depend only on the sequence of images. Readers check each
@@ -21,7 +25,10 @@ when the whole-file hashes were not checked.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from prefdiff.data import DatasetError
-from prefdiff.data.atomic import atomic_write_bytes, sha256_bytes
+from prefdiff.data.atomic import atomic_write_chunks, sha256_bytes
 
 SHARD_LAYOUT = "1"
 _META_KEY = "prefdiff_image_shard"
@@ -46,7 +53,7 @@ class ImageShardWriter:
 
     Images get ids 0, 1, 2... in the order added. Each shard entry is ``{"file": <rel_dir>/<name>, "sha256",
     "first_image_id", "num_images", "num_bytes"}`` (``num_bytes``: the encoded images, header excluded).
-    Memory: the current shard's images, plus one copy while it is written.
+    Memory: the current shard's images (the bytes objects given, not copied).
     """
 
     def __init__(self, directory: Path, *, rel_dir: str, shard_bytes: int) -> None:
@@ -55,36 +62,49 @@ class ImageShardWriter:
         self.directory, self.rel_dir, self.shard_bytes = Path(directory), rel_dir, shard_bytes
         self.shards: list[dict[str, Any]] = []
         self.num_images = 0
-        self._buf = bytearray()
+        self._images: list[bytes] = []
         self._offsets = [0]
 
     def add(self, data: bytes) -> int:
-        """Append one encoded image; returns its id."""
-        self._buf += data
-        self._offsets.append(len(self._buf))
+        """Append one encoded image (kept by reference until its shard is written); returns its id."""
+        self._images.append(data)
+        self._offsets.append(self._offsets[-1] + len(data))
         self.num_images += 1
-        if len(self._buf) >= self.shard_bytes:
+        if self._offsets[-1] >= self.shard_bytes:
             self._flush()
         return self.num_images - 1
 
     def _flush(self) -> None:
-        from safetensors.numpy import save
-
-        n = len(self._offsets) - 1
+        n = len(self._images)
         if n == 0:
             return
-        tensors = {"bytes": np.frombuffer(self._buf, dtype=np.uint8),
-                   "offsets": np.asarray(self._offsets, dtype=np.int64)}
-        data = save(tensors, metadata={_META_KEY: SHARD_LAYOUT})
+        offsets = np.asarray(self._offsets, dtype=np.int64).tobytes()
+        chunks = [_header(len(offsets), self._offsets[-1]), offsets, *self._images]
+        digest = hashlib.sha256()
+        for chunk in chunks:
+            digest.update(chunk)
         name = shard_name(len(self.shards))
-        atomic_write_bytes(self.directory / name, data)
-        self.shards.append({"file": f"{self.rel_dir}/{name}", "sha256": sha256_bytes(data),
-                            "first_image_id": self.num_images - n, "num_images": n, "num_bytes": len(self._buf)})
-        self._buf, self._offsets = bytearray(), [0]
+        atomic_write_chunks(self.directory / name, chunks)
+        self.shards.append({"file": f"{self.rel_dir}/{name}", "sha256": digest.hexdigest(),
+                            "first_image_id": self.num_images - n, "num_images": n, "num_bytes": self._offsets[-1]})
+        self._images, self._offsets = [], [0]
 
     def close(self) -> list[dict[str, Any]]:
         self._flush()
         return self.shards
+
+
+def _header(offsets_bytes: int, images_bytes: int) -> bytes:
+    """A safetensors header for the tensors ``offsets`` (int64, first) and ``bytes`` (uint8): the header's
+    length (u64, little-endian), then its JSON (keys in a fixed order), space-padded so the tensors start at a
+    multiple of 8 bytes, as the format requires."""
+    header = {"__metadata__": {_META_KEY: SHARD_LAYOUT},
+              "offsets": {"dtype": "I64", "shape": [offsets_bytes // 8], "data_offsets": [0, offsets_bytes]},
+              "bytes": {"dtype": "U8", "shape": [images_bytes],
+                        "data_offsets": [offsets_bytes, offsets_bytes + images_bytes]}}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,15 @@ Output: an image-only preference dataset (:class:`prefdiff.data.preferences.Imag
 atomically: a failed import leaves an existing ``out_dir`` untouched. Its images sit many to a file in
 safetensors shards (:mod:`prefdiff.data.image_shards`). An image the transform would not change (an RGB
 JPEG or PNG already ``resolution`` square, not flipped) is stored as the source's bytes; any other is
-transformed and encoded once, as a PNG. Decoding and encoding run in a pool of worker processes
-(:func:`import_pickapic`'s ``workers``); the dataset's bytes do not depend on how many.
+transformed once and stored as ``encoding`` says: "raw" (default), its 8-bit RGB pixels uncompressed (a
+binary PPM: a 15-byte header, then the bytes), or "png" (lossless, :func:`encode_png`). Decoding and
+encoding run in a pool of worker processes (:func:`import_pickapic`'s ``workers``); the dataset's bytes do
+not depend on how many.
+
+``jpeg_draft`` (default off: the official decode) lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when
+that is still at least the resized size (sources of twice the resolution or more), then resizes as above;
+the pixels differ from a full decode + resize (README "Imported preference datasets" gives the measured
+difference), for much less CPU.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import numpy as np
 from PIL import Image
 
 from prefdiff.data import DatasetError
-from prefdiff.data.atomic import sha256_file
+from prefdiff.data.atomic import sha256_bytes, sha256_file
 from prefdiff.data.preferences import ImagePairWriter, workspace_ref
 from prefdiff.progress import progress_bar
 
@@ -60,10 +67,11 @@ JUDGE_NAME = "pickapic_import"
 _MAX_REJECTIONS_LISTED = 20
 # Formats kept byte for byte when no transform changes them: what PIL decodes everywhere the reader runs.
 _VERBATIM_FORMATS = ("JPEG", "PNG")
-# Transformed images are stored as PNG (lossless, as before), encoded by encode_png, not PIL: PIL tries all
-# five PNG row filters on every row and then deflates with LZ77 matching (most of the old importer's time);
-# one fixed filter and Huffman-only deflate cost a fraction of that for files about as small
-# (benchmarks/pickapic_import.py prints both encoders' CPU time and size on its first line).
+# encoding "png" stores transformed images with encode_png, not PIL: PIL tries all five PNG row filters on
+# every row and then deflates with LZ77 matching (most of the old importer's time); one fixed filter and
+# Huffman-only deflate cost a fraction of that for files about as small (benchmarks/pickapic_import.py
+# prints both encoders' CPU time and size on its first line). Even so the deflate pass is most of a
+# resized image's import cost, hence "raw" as the default (README: sizes and times of both).
 PNG_ENCODING = "avg filter, zlib Huffman-only"
 DEFAULT_SHARD_BYTES = 128 * 2**20
 
@@ -79,6 +87,8 @@ class ImportConfig:
     max_pairs: int | None = None  # stop after this many decided pairs (None: all)
     on_bad_row: Literal["error", "skip"] = "error"  # skip: count and report rejected rows instead of failing
     shard_bytes: int = DEFAULT_SHARD_BYTES  # a shard is closed once its images reach this many bytes
+    encoding: Literal["raw", "png"] = "raw"  # how a transformed image is stored (kept ones: the source's bytes)
+    jpeg_draft: bool = False  # decode JPEGs at a reduced scale when the target allows it (not the official decode)
 
     def __post_init__(self) -> None:
         if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 1:
@@ -97,6 +107,10 @@ class ImportConfig:
             raise ValueError(f"on_bad_row={self.on_bad_row!r}: allowed: 'error', 'skip'")
         if isinstance(self.shard_bytes, bool) or not isinstance(self.shard_bytes, int) or self.shard_bytes < 1:
             raise ValueError(f"shard_bytes={self.shard_bytes!r}: must be an int >= 1")
+        if self.encoding not in ("raw", "png"):
+            raise ValueError(f"encoding={self.encoding!r}: allowed: 'raw', 'png'")
+        if not isinstance(self.jpeg_draft, bool):
+            raise ValueError(f"jpeg_draft={self.jpeg_draft!r}: must be true or false")
 
 
 @dataclass(frozen=True)
@@ -105,7 +119,7 @@ class ImportSummary:
     pairs_written: int
     ties_dropped: int
     rows_rejected: int  # only non-zero with on_bad_row="skip"
-    images_kept: int = 0  # images stored as the source's bytes (the other 2 x pairs_written - images_kept: PNG)
+    images_kept: int = 0  # images stored as the source's bytes (the other 2 x pairs_written - images_kept: encoded)
     files: list[dict] = field(default_factory=list)  # [{"path", "sha256", "rows_read"}]
     index_path: Path | None = None
 
@@ -208,13 +222,19 @@ def _row_uniforms(seed: int, row: int) -> np.ndarray:
 
 
 def transform_image(
-    image: Image.Image, config: ImportConfig, *, u_top: float, u_left: float, flip: bool
+    image: Image.Image, config: ImportConfig, *, u_top: float, u_left: float, flip: bool,
+    original: tuple[int, int] | None = None, box: tuple[float, float, float, float] | None = None,
 ) -> tuple[Image.Image, dict]:
-    """Resize short side, crop, optionally flip; returns the image and its SDXL meta."""
-    w, h = image.size
+    """Resize short side, crop, optionally flip; returns the image and its SDXL meta.
+
+    ``original``, ``box``: when ``image`` was decoded at a reduced scale (``jpeg_draft``), the source's
+    (w, h) and the region of ``image`` it covers (what ``draft`` returns: a last pixel may be partial); the
+    output size, the crop and the meta are the full-size source's.
+    """
+    w, h = original or image.size
     res = config.resolution
     nw, nh = resized_size(w, h, res)
-    img = image.resize((nw, nh), Image.Resampling.BILINEAR)
+    img = image.resize((nw, nh), Image.Resampling.BILINEAR, box=box)
     top, left = _crop_corner(nw, nh, config, u_top, u_left)
     img = img.crop((left, top, left + res, top + res))
     if flip:
@@ -240,9 +260,10 @@ def stored_image(
     resize and crop leave it unchanged, so decoding the kept bytes gives the pixels a transform would have
     stored. It is still decoded here, so an undecodable image is a bad row as before; a JPEG at 1/8 scale
     (``draft``: libjpeg still reads every byte of the stream and fails on a truncated or broken one, but
-    skips most of the inverse DCT). Any other image is decoded, transformed (:func:`transform_image`) and
-    stored as a PNG (lossless, :func:`encode_png`). ``where`` ("<file>: row <r> column <c>") starts
-    the bad-row message.
+    skips most of the inverse DCT). Any other image is decoded (with ``config.jpeg_draft`` a JPEG at the
+    smallest DCT scale still at least its resized size), transformed (:func:`transform_image`) and stored
+    as ``config.encoding`` says (:func:`encode_raw` or :func:`encode_png`, both lossless). ``where``
+    ("<file>: row <r> column <c>") starts the bad-row message.
     """
     if isinstance(data, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
         data = data.get("bytes")
@@ -259,13 +280,26 @@ def stored_image(
                     im.load()
                     top, left = _crop_corner(res, res, config, u_top, u_left)  # (0, 0): nothing to crop
                     return bytes(data), {"original_size": [h, w], "crop_top_left": [top, left], "hflip": False}, True
+                drafted = None
+                if config.jpeg_draft and im.format == "JPEG":
+                    # libjpeg decodes at the smallest of 1/2, 1/4, 1/8 that keeps both sides >= the resized size
+                    # (None: no reduction possible); box: the decoded region the whole source covers
+                    drafted = im.draft(None, resized_size(w, h, res))
                 im.load()
                 image = im.convert("RGB")
     except Exception as e:  # UnidentifiedImageError, truncated data, decompression bomb...
         why = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", str(e))  # no memory addresses: stable index
         raise _BadRow(f"{where}: cannot decode image ({len(data)} bytes; {type(e).__name__}: {why})") from e
-    out, meta = transform_image(image, config, u_top=u_top, u_left=u_left, flip=flip)
-    return encode_png(out), meta, False
+    out, meta = transform_image(image, config, u_top=u_top, u_left=u_left, flip=flip, original=(w, h),
+                                box=None if drafted is None else drafted[1])
+    return (encode_raw(out) if config.encoding == "raw" else encode_png(out)), meta, False
+
+
+def encode_raw(image: Image.Image) -> bytes:
+    """``image``'s 8-bit RGB pixels uncompressed, as a binary PPM (``P6``): PIL, and so the training loader,
+    decode it like any other stored image, with no inflate. The bytes are a pure function of the pixels."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    return b"P6\n%d %d\n255\n" % image.size + image.tobytes()
 
 
 def encode_png(image: Image.Image) -> bytes:
@@ -347,8 +381,9 @@ def _jobs(parquet: list[tuple[Path, Any]], batch_rows: int) -> Iterator[tuple[st
 def _process_rows(config: ImportConfig, path: str, rows: list[_Row]) -> list[tuple]:
     """The work a pool worker does on one batch: a pure function of its arguments, so the results (and the
     dataset) do not depend on how many workers share the batches. Per row: ("tie",) | ("bad", message) |
-    ("pair", caption, jpg_0 wins, bytes_0, meta_0, bytes_1, meta_1), where bytes None means "the source's
-    bytes, kept" (the caller has them: they are not sent back)."""
+    ("pair", caption, jpg_0 wins, bytes_0, meta_0, sha256_0, bytes_1, meta_1, sha256_1), where bytes None
+    means "the source's bytes, kept" (the caller has them: they are not sent back) and sha256 is the stored
+    image's (hashed here, in parallel, rather than in the one process that writes)."""
     out: list[tuple] = []
     for row, local, b0, b1, label, caption in rows:
         try:
@@ -365,7 +400,8 @@ def _process_rows(config: ImportConfig, path: str, rows: list[_Row]) -> list[tup
                                          where=f"{path}: row {local} column 'jpg_0'")
             d1, m1, kept1 = stored_image(b1, config, u_top=u[2], u_left=u[3], flip=bool(flips[1]),
                                          where=f"{path}: row {local} column 'jpg_1'")
-            out.append(("pair", str(caption), lab == 1.0, None if kept0 else d0, m0, None if kept1 else d1, m1))
+            out.append(("pair", str(caption), lab == 1.0, None if kept0 else d0, m0, sha256_bytes(d0),
+                        None if kept1 else d1, m1, sha256_bytes(d1)))
         except _BadRow as e:
             out.append(("bad", str(e)))
     return out
@@ -437,7 +473,9 @@ def import_pickapic(
     params = asdict(config)
     judge = {"name": JUDGE_NAME, "higher_is_better": True, "params": params}
     source: dict[str, Any] = {"importer": "pickapic", "required_columns": list(REQUIRED_COLUMNS), **params,
-                              "verbatim_formats": list(_VERBATIM_FORMATS), "png_encoding": PNG_ENCODING}
+                              "verbatim_formats": list(_VERBATIM_FORMATS)}
+    if config.encoding == "png":
+        source["png_encoding"] = PNG_ENCODING
 
     rows_read = ties = rejected = kept = 0
     done = False
@@ -470,13 +508,15 @@ def import_pickapic(
                     if len(rejections) < _MAX_REJECTIONS_LISTED:
                         rejections.append(result[1])
                 else:
-                    _, caption, first_wins, d0, m0, d1, m1 = result
+                    _, caption, first_wins, d0, m0, h0, d1, m1, h1 = result
                     kept += (d0 is None) + (d1 is None)
                     i0, i1 = (b0 if d0 is None else d0), (b1 if d1 is None else d1)
                     if first_wins:
-                        writer.add_pair(caption, i0, i1, winner_meta=m0, loser_meta=m1)
+                        writer.add_pair(caption, i0, i1, winner_meta=m0, loser_meta=m1, winner_sha256=h0,
+                                        loser_sha256=h1)
                     else:
-                        writer.add_pair(caption, i1, i0, winner_meta=m1, loser_meta=m0)
+                        writer.add_pair(caption, i1, i0, winner_meta=m1, loser_meta=m0, winner_sha256=h1,
+                                        loser_sha256=h0)
                 bar.set_postfix({"pairs": writer.num_pairs, "ties": ties, "rejected": rejected}, refresh=False)
                 bar.update(1)
                 if rows_read % progress_every == 0:
@@ -500,10 +540,10 @@ def import_pickapic(
         index_path = writer.close(counts)
     rate = rows_read / max(time.monotonic() - t0, 1e-9)
     say(f"imported {pairs} pairs from {rows_read} rows ({ties} ties dropped, {rejected} rejected; {kept} of "
-        f"{2 * pairs} images kept as stored, the rest re-encoded as PNG) into {out_dir} ({rate:.0f} rows/s)")
+        f"{2 * pairs} images kept as stored, the rest stored {config.encoding}) into {out_dir} ({rate:.0f} rows/s)")
     return ImportSummary(rows_read=rows_read, pairs_written=pairs, ties_dropped=ties, rows_rejected=rejected,
                          images_kept=kept, files=file_info, index_path=index_path)
 
 
-__all__ = ["ImportConfig", "ImportSummary", "default_workers", "encode_png", "import_pickapic", "resized_size",
-           "stored_image"]
+__all__ = ["ImportConfig", "ImportSummary", "default_workers", "encode_png", "encode_raw", "import_pickapic",
+           "resized_size", "stored_image"]

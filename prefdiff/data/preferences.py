@@ -270,7 +270,7 @@ class ImagePairWriter:
     """Streaming writer of an image-only preference dataset (imported pairs; no trajectories).
 
     Pair ``i`` gets group_id ``i`` and image ids ``2i`` (winner) / ``2i+1`` (loser); the images are the
-    encoded bytes given (a JPEG kept as the source had it, or a PNG of a transformed image), appended to
+    encoded bytes given (a JPEG kept as the source had it, or a transformed image, raw PPM or PNG), appended to
     ``images/shard-%05d.safetensors`` shards of about ``shard_bytes`` bytes (:mod:`prefdiff.data.image_shards`).
     Everything goes to ``<out_dir>.tmp-<pid>``; :meth:`close` writes the last shard, pairs.jsonl, then
     index.json last, then swaps the directory in. Used as a context manager, an exception deletes the temp
@@ -313,8 +313,13 @@ class ImagePairWriter:
         loser_meta: dict | None = None,
         winner_score: float = 1.0,
         loser_score: float = 0.0,
+        winner_sha256: str | None = None,
+        loser_sha256: str | None = None,
     ) -> PreferencePair:
-        """Store one decided pair (winner first, each an encoded image); returns the row's :class:`PreferencePair`."""
+        """Store one decided pair (winner first, each an encoded image); returns the row's :class:`PreferencePair`.
+
+        ``winner_sha256``/``loser_sha256``: the images' sha256 hex digests when the caller has them (an
+        importer's worker processes hash in parallel); None: hashed here. Every read checks them."""
         if self._state != "open":
             raise RuntimeError(f"ImagePairWriter for {self.out_dir} is {self._state}")
         i = self._pairs.num_pairs
@@ -322,7 +327,8 @@ class ImagePairWriter:
                               winner_score=float(winner_score), loser_score=float(loser_score), tie=False)
         ids = (self._shards.add(winner), self._shards.add(loser))
         assert ids == (pair.winner, pair.loser), ids
-        extra: dict[str, Any] = {"winner_sha256": sha256_bytes(winner), "loser_sha256": sha256_bytes(loser)}
+        extra: dict[str, Any] = {"winner_sha256": winner_sha256 or sha256_bytes(winner),
+                                 "loser_sha256": loser_sha256 or sha256_bytes(loser)}
         if winner_meta is not None or loser_meta is not None:
             extra["winner_meta"] = _meta_json(winner_meta, f"pair {i} winner_meta")
             extra["loser_meta"] = _meta_json(loser_meta, f"pair {i} loser_meta")
