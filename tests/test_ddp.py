@@ -6,8 +6,8 @@ its share's gradient, then DDP averages the two), so the weights agree to roundi
 |w2 - w1| <= 1e-4 x the largest weight change of the one-process run (AdamW with eps 1, whose update is about
 lr x gradient, so a rounding difference is not amplified; a wrong scaling or a missing share moves the update
 by far more). D3PO's reference pass is the exception: each process computes whole batches of the one-process
-pass, so the table every process gathers is the one-process table bit for bit (OMP_NUM_THREADS=1 here and in
-the launched processes: the same kernels).
+pass, so the table every process gathers is the one-process table bit for bit (one intra-op thread here, set
+by the ``one_process`` fixture whatever OMP_NUM_THREADS says, and in the launched processes: the same kernels).
 """
 
 import json
@@ -92,10 +92,14 @@ def single(root: Path, out: Path, train: dict, stop=None):
 @pytest.fixture(scope="module")
 def one_process(launched, tmp_path_factory):
     """name -> (summary, dir) of the runs trained by this one process."""
-    runs = {}
-    for name, train in (("d3po", D3PO), ("dpo", DPO)):
-        out = tmp_path_factory.mktemp(f"one-{name}")
-        runs[name] = single(launched[0], out, train), out
+    runs, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)  # the launched processes' thread count (OMP_NUM_THREADS=1): their kernels, their bits
+    try:
+        for name, train in (("d3po", D3PO), ("dpo", DPO)):
+            out = tmp_path_factory.mktemp(f"one-{name}")
+            runs[name] = single(launched[0], out, train), out
+    finally:
+        torch.set_num_threads(threads)
     return runs
 
 
@@ -148,7 +152,6 @@ def test_each_process_trains_its_share_of_every_micro_batch(launched):
 def test_each_process_computes_half_of_the_reference_pass_and_holds_the_one_process_table(launched, one_process):
     """D3PO's reference log-probs: process r computes reference batches r, r + 2, ... of the one-process pass, and
     every process ends with the whole table, equal bit for bit to the one that one process computes."""
-    assert torch.get_num_threads() == 1, "the bitwise comparison needs the launched processes' kernels: OMP_NUM_THREADS=1"
     _, out, reports = launched
     computed = [r[NAMES.index("d3po")]["reference"] for r in reports]
     one_table = load_file(str(one_process["d3po"][1] / "ckpt" / "state" / "state.safetensors"))["precomputed.ref_logp"]

@@ -33,6 +33,7 @@ from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.scorers import get_scorer
 from prefdiff.training import sharding
 from prefdiff.training.fit import fit
+from prefdiff.training.methods import d3po
 from test_ddp import D3PO, DATA, DPO, REPO, SHARED, THRESHOLDED, free_port
 
 CONFIG = REPO / "deploy" / "accelerate" / "fsdp_full.yaml"
@@ -53,7 +54,7 @@ def launched(tmp_path_factory):
     sample_dataset(parse_params(DATA), root / "traj", progress=lambda _: None)
     label_trajectories(TrajectoryStore.open(root / "traj"), get_scorer("jpeg_compressibility"), root / "prefs",
                        progress=lambda _: None)
-    spec = {"data": str(root), "out": str(root / "launched"),
+    spec = {"data": str(root), "out": str(root / "launched"), "reference_batch": d3po.REFERENCE_BATCH,  # as the one-process fit
             "runs": [{"name": name, "overrides": overrides(train, 2), "stop_after_steps": stop}
                      for name, train, stop in RUNS]}
     (root / "spec.json").write_text(json.dumps(spec))

@@ -57,12 +57,17 @@ def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: flo
                 torch.tensor([j for _, j in flat[start : start + batch_size]]))
 
     mine: dict[int, torch.Tensor] = {}
-    for start in starts[rank::count]:
-        ii, jj = batch(start)
-        mine[start] = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
-                                     guidance=cfg.guidance_scale, eta=eta).cpu()
-        if bar is not None:
-            bar.update(len(ii))
+    share, calls = starts[rank::count], -(-len(starts) // count)
+    # Every process makes the same number of UNet calls: an FSDP-sharded UNet gathers its weights in each call,
+    # a collective all processes must join, so a process one batch short reruns its first and drops the result.
+    for call in range(calls):
+        ii, jj = batch(share[call] if call < len(share) else starts[0])
+        values = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
+                                guidance=cfg.guidance_scale, eta=eta).cpu()
+        if call < len(share):
+            mine[share[call]] = values
+            if bar is not None:
+                bar.update(len(ii))
     out = torch.empty(n, steps)
     shares = [mine] if count == 1 else gather_to_all(mine, processes)
     for r, share in enumerate(shares):
