@@ -1,6 +1,6 @@
 # make run   - the whole round (sample -> label -> train -> heldout -> evaluate -> register) on the offline default,
 #              as a Prefect flow on Prefect's embedded server, each task a `dvc repro` stage, tracked in MLflow
-# make compare - D3PO, Diffusion-DPO, SFT and reward-weighted on the same labeled data, each a DVC
+# make compare - D3PO, Diffusion-DPO, SFT, reward-weighted and DDPO on the same labeled data, each a DVC
 #              experiment (compare-<method>); one table
 # make rounds - many automatic-judge rounds in one process (rounds.count of params.yaml; ROUNDS=N to change it), each an
 #              MLflow child run, every round's data in data/rounds (the DVC stage of pipelines/rounds/dvc.yaml)
