@@ -57,15 +57,16 @@ def reference_log_probs(pipe, chain, timesteps, embeds, uncond, cfg, *, eta: flo
                 torch.tensor([j for _, j in flat[start : start + batch_size]]))
 
     mine: dict[int, torch.Tensor] = {}
-    share, calls = starts[rank::count], -(-len(starts) // count)
+    own, calls = starts[rank::count], -(-len(starts) // count)
     # Every process makes the same number of UNet calls: an FSDP-sharded UNet gathers its weights in each call,
-    # a collective all processes must join, so a process one batch short reruns its first and drops the result.
+    # a collective all processes must join, so a process one batch short reruns the pass's first batch and
+    # drops the result.
     for call in range(calls):
-        ii, jj = batch(share[call] if call < len(share) else starts[0])
+        ii, jj = batch(own[call] if call < len(own) else starts[0])
         values = step_log_probs(pipe.unet, pipe.scheduler, chain, timesteps, embeds, uncond, ii, jj,
                                 guidance=cfg.guidance_scale, eta=eta).cpu()
-        if call < len(share):
-            mine[share[call]] = values
+        if call < len(own):
+            mine[own[call]] = values
             if bar is not None:
                 bar.update(len(ii))
     out = torch.empty(n, steps)
