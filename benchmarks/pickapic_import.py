@@ -10,7 +10,8 @@ distinct images per size, cycled over the rows; one row in ten a tie), then impo
   level, write it as its own file ``images/{id:06d}.png``, hash it, and append the row to pairs.jsonl;
 - new: ``import_pickapic`` with ``--workers`` processes (images kept as stored when already at the target
   size and not flipped, else transformed once and stored as ``--encoding``: raw (default) or PNG;
-  ``--jpeg-draft`` decodes JPEGs at a reduced scale first; safetensors shards).
+  ``--jpeg-draft`` decodes JPEGs at a reduced scale first; each worker reads segments of ``--segment-rows``
+  rows from the parquet and writes their safetensors shards itself).
 
 First it prints per-image figures: CPU time and size of the two lossless encoders, CPU time of the
 training loader decoding each, and how far ``jpeg_draft``'s pixels are from a full decode's.
@@ -23,11 +24,12 @@ seconds over ``--repeats``, rows/s of each, the ratio of the rows/s (the old pat
 ``--old-rows``: its cost per row does not depend on the count), and the same on CPU seconds: the process's
 own plus its worker processes' (``RUSAGE_CHILDREN``: the pool's workers are joined before the import
 returns), which a shared machine's load moves much less than wall seconds, and the main process's share
-of it (reading the parquet, writing the shards: serial, so it bounds the rows/s any number of workers can
-reach). The machine's load average is printed before and after.
+of it (starting the pool, renaming the segments' shards into one sequence, writing pairs.jsonl: serial, so
+it bounds the rows/s any number of workers can reach; the workers read the parquet and write the shards). The machine's load average is printed before and after.
 
 Usage: python -m benchmarks.pickapic_import [--rows 400] [--old-rows N] [--size 512] [--workers N] [--repeats 3]
-       [--cases at_target,at_target_flip,larger,double] [--batch-rows 64] [--encoding raw|png] [--jpeg-draft]
+       [--cases at_target,at_target_flip,larger,double] [--batch-rows 64] [--segment-rows 50]
+       [--encoding raw|png] [--jpeg-draft]
        [--keep DIR]
 """
 
@@ -136,10 +138,11 @@ def old_import(parquet: Path, out: Path, config) -> int:
     return pairs
 
 
-def new_import(parquet: Path, out: Path, config, workers: int, batch_rows: int) -> int:
+def new_import(parquet: Path, out: Path, config, workers: int, batch_rows: int, segment_rows: int) -> int:
     from prefdiff.data.pickapic import import_pickapic
 
-    return import_pickapic([parquet], out, config, workers=workers, progress=None, batch_rows=batch_rows).pairs_written
+    return import_pickapic([parquet], out, config, workers=workers, progress=None, batch_rows=batch_rows,
+                           segment_rows=segment_rows).pairs_written
 
 
 def encoders(size: int, samples: int = 4) -> str:
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--batch-rows", type=int, default=64)
+    ap.add_argument("--segment-rows", type=int, default=50,
+                    help="rows per segment, the unit a worker imports into shards of its own (the importer's "
+                         "default, 512, would make a 200-row import one segment, one busy worker; a segment's "
+                         "cost per row does not depend on its length beyond its last, partial shard)")
     ap.add_argument("--encoding", choices=("raw", "png"), default=ImportConfig.encoding,
                     help="how the new path stores transformed images (label.pickapic.encoding)")
     ap.add_argument("--jpeg-draft", action="store_true", help="label.pickapic.jpeg_draft: true for the new path")
@@ -251,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.keep or Path(tempfile.mkdtemp(prefix="pickapic_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"config: rows={args.rows} old_rows={old_rows} resolution={args.size} workers={args.workers} repeats={args.repeats} "
-          f"batch_rows={args.batch_rows} encoding={args.encoding} jpeg_draft={args.jpeg_draft} "
+          f"batch_rows={args.batch_rows} segment_rows={args.segment_rows} encoding={args.encoding} jpeg_draft={args.jpeg_draft} "
           f"cpus_usable={default_workers()} os.cpu_count={os.cpu_count()} "
           f"load_avg_before={os.getloadavg()}")
     print(f"encoders, {args.size} px photo, median of 4 images: {encoders(args.size)}")
@@ -274,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
                 old_t.append(wall)
                 old_c.append(cpu)
                 wall, cpu, main_cpu = timed(lambda out: new_import(parquet, out, new_config, args.workers,
-                                                                   args.batch_rows), work / f"{case}_new")
+                                                                   args.batch_rows, args.segment_rows),
+                                    work / f"{case}_new")
                 new_t.append(wall)
                 new_c.append(cpu)
                 main_c.append(main_cpu)
@@ -300,10 +308,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"the same x{args.workers} (the wall ratio if {args.workers} cores were fully used): "
                   f"{args.workers * (args.rows / nc) / (old_rows / oc):.1f}x")
             mc = statistics.median(main_c)
-            print(f"  of the new path's CPU, the main process (reads parquet, writes shards; serial): median "
-                  f"{mc:.2f} s "
-                  f"({100 * mc / nc:.0f}%): whatever the workers, it caps the import at {args.rows / mc:.0f} rows/s on "
-                  "this CPU")
+            print(f"  of the new path's CPU, the main process (starts the workers, renames the segments' shards, "
+                  f"writes pairs.jsonl; serial): median {mc:.2f} s ({100 * mc / nc:.0f}%): whatever the workers, it "
+                  f"caps the import at {args.rows / mc:.0f} rows/s on this CPU (fixed costs included)")
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -82,7 +82,9 @@ def test_round_trip_center_crop(parquet: Path, tmp_path: Path, monkeypatch: pyte
     assert (s.rows_read, s.pairs_written, s.ties_dropped, s.rows_rejected) == (5, 4, 1, 0)
     assert s.files == [{"path": "src/train-00000.parquet", "sha256": sha256_file(parquet), "rows_read": 5}]
     assert s.index_path == out / "index.json"
-    assert any(x.startswith("read 2/5 rows") for x in lines) and lines[-1].startswith("imported 4 pairs")
+    # progress is reported as segments finish (one segment here: 5 rows < DEFAULT_SEGMENT_ROWS)
+    assert [x for x in lines if x.startswith("read ")] == [x for x in lines if x.startswith("read 5/5 rows: 4 pairs")]
+    assert len([x for x in lines if x.startswith("read ")]) == 1 and lines[-1].startswith("imported 4 pairs")
 
     store = PreferenceStore.open(out)
     assert store.source_kind == "images"

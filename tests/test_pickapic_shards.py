@@ -114,23 +114,38 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers(tmp_path: Path, enc
     cfg = ImportConfig(resolution=RES, crop="random", hflip="per_image", seed=11, on_bad_row="skip",
                        shard_bytes=4000, encoding=encoding, jpeg_draft=draft)
     runs = {}
-    for workers in (1, 2):
+    for workers in (1, 2):  # segments of 7 rows cut across the file's row groups of 5: 4 segments, the last 3 rows
         out = tmp_path / f"w{workers}"
-        runs[workers] = import_pickapic([src], out, cfg, workers=workers, batch_rows=3, progress=quiet)
+        runs[workers] = import_pickapic([src], out, cfg, workers=workers, batch_rows=3, segment_rows=7, progress=quiet)
     assert tree(tmp_path / "w1") == tree(tmp_path / "w2")  # shards, pairs.jsonl, index.json
     idx = json.loads((tmp_path / "w1" / "index.json").read_text())
-    assert len(idx["image_shards"]) > 2  # small shards: the boundaries were exercised
-    assert all(s["num_bytes"] >= 4000 for s in idx["image_shards"][:-1])
+    shards = idx["image_shards"]
+    assert len(shards) > 4  # small shards: the boundaries were exercised, within and between segments
+    assert [s["file"] for s in shards] == [f"images/shard-{i:05d}.safetensors" for i in range(len(shards))]
+    assert sorted(p.name for p in (tmp_path / "w2" / "images").iterdir()) == [s["file"][7:] for s in shards]
+    assert [s["first_image_id"] for s in shards] == list(np.cumsum([0] + [s["num_images"] for s in shards[:-1]]))
+    full = [s["num_bytes"] >= 4000 for s in shards]
+    assert 1 < full.count(False) <= 4  # a segment's last shard may be partial: at most one per segment
     pairs = PreferenceStore.open(tmp_path / "w2").image_pairs()
     for p in pairs:  # every image found in its shard: read_bytes checks it against its sha256 in pairs.jsonl
         assert p.winner_image.read_bytes() and p.loser_image.read_bytes()
-    assert len({p.loser_image.shard for p in pairs}) == len(idx["image_shards"])
-    assert runs[1].rows_rejected == runs[2].rows_rejected == 1
-    # the pool stops where one process stops
+    assert len({p.loser_image.shard for p in pairs}) == len(shards)
+    assert runs[1].rows_rejected == runs[2].rows_rejected == 1 and runs[1].rows_read == 24
+    # one segment (the default 512 rows): other shard boundaries, but the same pairs and the same image bytes
+    one = import_pickapic([src], tmp_path / "one", cfg, workers=1, progress=quiet)
+    assert (tmp_path / "one" / "pairs.jsonl").read_bytes() == (tmp_path / "w1" / "pairs.jsonl").read_bytes()
+    assert [(p.winner_image.read_bytes(), p.loser_image.read_bytes()) for p in
+            PreferenceStore.open(tmp_path / "one").image_pairs()] == [
+            (p.winner_image.read_bytes(), p.loser_image.read_bytes()) for p in pairs]
+    assert one.rows_rejected == 1 and len(json.loads((tmp_path / "one" / "index.json").read_text())["image_shards"]) < len(shards)
+    # the pool stops where one process stops: pair 5 is in the second segment (rows 7-13); the segments run
+    # ahead of the stop leave nothing behind
     cut = {w: import_pickapic([src], tmp_path / f"cut{w}", ImportConfig(resolution=RES, max_pairs=5), workers=w,
-                              batch_rows=2, progress=quiet) for w in (1, 2)}
-    assert (cut[1].rows_read, cut[1].files) == (cut[2].rows_read, cut[2].files)
+                              batch_rows=2, segment_rows=4, progress=quiet) for w in (1, 2)}
+    assert (cut[1].rows_read, cut[1].pairs_written, cut[1].files) == (cut[2].rows_read, 5, cut[2].files)
+    assert cut[1].rows_read == 6  # rows 0-5: a tie at row 4
     assert tree(tmp_path / "cut1") == tree(tmp_path / "cut2")
+    assert not [p for p in (tmp_path / "cut2" / "images").iterdir() if not p.name.startswith("shard-")]
 
 
 def test_a_bad_row_fails_the_same_with_workers(tmp_path: Path) -> None:
@@ -138,11 +153,16 @@ def test_a_bad_row_fails_the_same_with_workers(tmp_path: Path) -> None:
     rows[9]["label_0"] = 0.7
     rows[10]["jpg_0"] = b"garbage"
     src = write_synthetic_pickapic(tmp_path / "bad.parquet", rows)
-    for workers in (1, 2):
+    for workers in (1, 2):  # segments of 3 rows: the bad rows are in the fourth, after three good ones
         with pytest.raises(DatasetError, match=r"bad\.parquet: row 9 column 'label_0': value 0\.7 .*nothing was written"):
             import_pickapic([src], tmp_path / "out", ImportConfig(resolution=RES), workers=workers, batch_rows=2,
-                            progress=quiet)
-        assert not (tmp_path / "out").exists()
+                            segment_rows=3, progress=quiet)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
+        # max_pairs reached before the bad row, in its segment (6 pairs by row 6) or an earlier one: no error
+        for max_pairs, segment_rows in ((6, 5), (6, 12), (3, 3)):
+            s = import_pickapic([src], tmp_path / "cut", ImportConfig(resolution=RES, max_pairs=max_pairs),
+                                workers=workers, batch_rows=2, segment_rows=segment_rows, progress=quiet)
+            assert (s.pairs_written, s.rows_read) == (max_pairs, {6: 7, 3: 3}[max_pairs])  # a tie at row 4
 
 
 def test_import_refuses_a_bad_worker_count(tmp_path: Path) -> None:
@@ -255,3 +275,33 @@ def test_jpeg_draft_decodes_large_jpegs_at_reduced_scale_within_a_stated_toleran
     # gradients the mean difference stays under 2 levels of 255 (README: mean 0.92, max 35 on photo-like
     # 1024 px JPEGs -> 512 px).
     assert all(d.mean() < 2.0 for d in diffs_large), [round(float(d.mean()), 2) for d in diffs_large]
+
+
+def test_training_reads_imported_shards_without_hashing_them_whole(tmp_path: Path, monkeypatch) -> None:
+    """Diffusion-DPO on an imported dataset: no shard is hashed whole before training (each image is checked
+    against its own sha256 as it is read), so a corrupted image stops training naming its shard and position."""
+    from prefdiff.config import parse_params
+    from prefdiff.data import atomic
+    from prefdiff.training.fit import fit
+
+    src = write_synthetic_pickapic(tmp_path / "m.parquet", mixed_rows(8))
+    out = tmp_path / "prefs"
+    import_pickapic([src], out, ImportConfig(resolution=64), progress=quiet)
+    params = parse_params({"train": {"method": "diffusion_dpo", "epochs": 1, "batch_size": 2, "lr": 0.01}})
+    hashed: list[str] = []
+    whole = atomic.sha256_file
+    monkeypatch.setattr(atomic, "sha256_file", lambda path: hashed.append(Path(path).name) or whole(path))
+
+    def train(name: str) -> None:
+        fit(params, trajectories_dir=tmp_path / "none", preferences_dir=out, out_dir=tmp_path / name / "trained",
+            checkpoint_dir=tmp_path / name / "ckpt", progress=quiet)
+
+    train("clean")
+    assert not [n for n in hashed if n.startswith("shard-")]
+    shard = out / "images" / "shard-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # a byte of the last image (7 pairs: pair 6's loser, image 13)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"shard-00000\.safetensors: image 13 has sha256 .*pairs\.jsonl says"):
+        train("corrupt")
+

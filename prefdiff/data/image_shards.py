@@ -30,6 +30,7 @@ import json
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from prefdiff.data import DatasetError
-from prefdiff.data.atomic import atomic_write_chunks, sha256_bytes
+from prefdiff.data.atomic import atomic_write_chunks, fsync_dir, sha256_bytes
 
 SHARD_LAYOUT = "1"
 _META_KEY = "prefdiff_image_shard"
@@ -56,10 +57,12 @@ class ImageShardWriter:
     Memory: the current shard's images (the bytes objects given, not copied).
     """
 
-    def __init__(self, directory: Path, *, rel_dir: str, shard_bytes: int) -> None:
+    def __init__(self, directory: Path, *, rel_dir: str, shard_bytes: int,
+                 name: Callable[[int], str] = shard_name) -> None:
         if isinstance(shard_bytes, bool) or not isinstance(shard_bytes, int) or shard_bytes < 1:
             raise ValueError(f"shard_bytes={shard_bytes!r}: must be an int >= 1")
         self.directory, self.rel_dir, self.shard_bytes = Path(directory), rel_dir, shard_bytes
+        self._name = name  # file name of the k-th shard this writer writes
         self.shards: list[dict[str, Any]] = []
         self.num_images = 0
         self._images: list[bytes] = []
@@ -83,11 +86,23 @@ class ImageShardWriter:
         digest = hashlib.sha256()
         for chunk in chunks:
             digest.update(chunk)
-        name = shard_name(len(self.shards))
+        name = self._name(len(self.shards))
         atomic_write_chunks(self.directory / name, chunks)
         self.shards.append({"file": f"{self.rel_dir}/{name}", "sha256": digest.hexdigest(),
                             "first_image_id": self.num_images - n, "num_images": n, "num_bytes": self._offsets[-1]})
         self._images, self._offsets = [], [0]
+
+    def adopt(self, written: list[dict[str, Any]]) -> None:
+        """Append shards another writer wrote into this writer's directory (a worker process's run of images):
+        the current shard is written first, then each file is renamed to the next shard name and its images
+        take the next ids. ``written``: that writer's :meth:`close` entries, in order."""
+        self._flush()
+        for entry in written:
+            name = self._name(len(self.shards))
+            os.replace(self.directory / Path(entry["file"]).name, self.directory / name)
+            self.shards.append({**entry, "file": f"{self.rel_dir}/{name}", "first_image_id": self.num_images})
+            self.num_images += entry["num_images"]
+        fsync_dir(self.directory)
 
     def close(self) -> list[dict[str, Any]]:
         self._flush()

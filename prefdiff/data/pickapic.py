@@ -25,9 +25,11 @@ atomically: a failed import leaves an existing ``out_dir`` untouched. Its images
 safetensors shards (:mod:`prefdiff.data.image_shards`). An image the transform would not change (an RGB
 JPEG or PNG already ``resolution`` square, not flipped) is stored as the source's bytes; any other is
 transformed once and stored as ``encoding`` says: "raw" (default), its 8-bit RGB pixels uncompressed (a
-binary PPM: a 15-byte header, then the bytes), or "png" (lossless, :func:`encode_png`). Decoding and
-encoding run in a pool of worker processes (:func:`import_pickapic`'s ``workers``); the dataset's bytes do
-not depend on how many.
+binary PPM: a 15-byte header, then the bytes), or "png" (lossless, :func:`encode_png`). The files are cut
+into segments of ``segment_rows`` rows, and a pool of worker processes (:func:`import_pickapic`'s ``workers``)
+imports whole segments, from reading the parquet to writing the segment's own shards; the importing process
+only renames those shards into one sequence and writes ``pairs.jsonl``, so no image passes through it and the
+dataset's bytes do not depend on how many workers there are.
 
 ``jpeg_draft`` (default off: the official decode) lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when
 that is still at least the resized size (sources of twice the resolution or more), then resizes as above;
@@ -58,6 +60,7 @@ from PIL import Image
 
 from prefdiff.data import DatasetError
 from prefdiff.data.atomic import sha256_bytes, sha256_file
+from prefdiff.data.image_shards import ImageShardWriter
 from prefdiff.data.preferences import ImagePairWriter, workspace_ref
 from prefdiff.progress import progress_bar
 
@@ -74,6 +77,9 @@ _VERBATIM_FORMATS = ("JPEG", "PNG")
 # resized image's import cost, hence "raw" as the default (README: sizes and times of both).
 PNG_ENCODING = "avg filter, zlib Huffman-only"
 DEFAULT_SHARD_BYTES = 128 * 2**20
+# Rows one worker imports into shards of its own (its last shard partial): 960k rows make ~1,900 segments,
+# plenty to keep any CPU count busy, each a few hundred MB of source bytes at most.
+DEFAULT_SEGMENT_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -356,83 +362,169 @@ def _raw(image: Any) -> Any:
     return image.get("bytes") if isinstance(image, dict) else image
 
 
-# One row as the pool sees it: (row, row in its file, jpg_0 bytes, jpg_1 bytes, label_0, caption); a tie's
-# images are None (never decoded, so never sent to a worker).
+# One row as a segment reads it: (row, row in its file, jpg_0 bytes, jpg_1 bytes, label_0, caption); a tie's
+# images are None (never decoded).
 _Row = tuple[int, int, Any, Any, Any, Any]
 
 
-def _jobs(parquet: list[tuple[Path, Any]], batch_rows: int) -> Iterator[tuple[str, Path, Any]]:
-    """In reading order: ("file", path, parquet file) when a file starts, then ("rows", path, [_Row])."""
+@dataclass(frozen=True)
+class _Segment:
+    """Rows ``[start, start + rows)`` of one parquet file (counted in the file): the unit one process imports
+    on its own, into shards of its own. ``first_row``: the row number of its first row across all the sources
+    (random crops and flips are a function of it); ``row_groups``: the file's row groups it overlaps, the first
+    of which holds ``skip`` rows before ``start``."""
+
+    index: int
+    path: Path
+    start: int
+    rows: int
+    first_row: int
+    row_groups: tuple[int, ...]
+    skip: int
+
+
+def _segments(parquet: list[tuple[Path, Any]], segment_rows: int) -> list[_Segment]:
+    """Every file cut into runs of ``segment_rows`` rows (a file's last run shorter), in reading order.
+
+    The cut depends on the files and ``segment_rows`` alone, never on the number of workers, so neither do the
+    shards. A segment reads the row groups it overlaps: segments much shorter than a file's row groups decode
+    some rows twice (Hugging Face's parquet files of image datasets have groups of 100 rows)."""
+    segments: list[_Segment] = []
     row = 0
     for path, pf in parquet:
-        yield "file", path, pf
-        local = 0
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(REQUIRED_COLUMNS)):
-            cols = [batch.column(name).to_pylist() for name in REQUIRED_COLUMNS]
-            rows: list[_Row] = []
-            for b0, b1, label, caption in zip(*cols):
-                tie = _is_tie(label)
-                rows.append((row, local, None if tie else _raw(b0), None if tie else _raw(b1), label, caption))
-                row, local = row + 1, local + 1
-            del cols
-            yield "rows", path, rows
+        meta = pf.metadata
+        bounds = [0]
+        for g in range(meta.num_row_groups):
+            bounds.append(bounds[-1] + meta.row_group(g).num_rows)
+        for start in range(0, meta.num_rows, segment_rows):
+            stop = min(start + segment_rows, meta.num_rows)
+            groups = tuple(g for g in range(meta.num_row_groups) if bounds[g] < stop and bounds[g + 1] > start)
+            segments.append(_Segment(len(segments), path, start, stop - start, row + start, groups,
+                                     start - bounds[groups[0]]))
+        row += meta.num_rows
+    return segments
 
 
-def _process_rows(config: ImportConfig, path: str, rows: list[_Row]) -> list[tuple]:
-    """The work a pool worker does on one batch: a pure function of its arguments, so the results (and the
-    dataset) do not depend on how many workers share the batches. Per row: ("tie",) | ("bad", message) |
-    ("pair", caption, jpg_0 wins, bytes_0, meta_0, sha256_0, bytes_1, meta_1, sha256_1), where bytes None
-    means "the source's bytes, kept" (the caller has them: they are not sent back) and sha256 is the stored
-    image's (hashed here, in parallel, rather than in the one process that writes)."""
-    out: list[tuple] = []
-    for row, local, b0, b1, label, caption in rows:
-        try:
-            lab = _label(label, path, local)
-            if lab == 0.5:
-                out.append(("tie",))
-                continue
-            if caption is None:
-                raise _BadRow(f"{path}: row {local} column 'caption': caption is null")
-            u = _row_uniforms(config.seed, row)
-            flips = {"none": (False, False), "per_image": (u[4] < 0.5, u[5] < 0.5),
-                     "joint": (u[6] < 0.5, u[6] < 0.5)}[config.hflip]
-            d0, m0, kept0 = stored_image(b0, config, u_top=u[0], u_left=u[1], flip=bool(flips[0]),
-                                         where=f"{path}: row {local} column 'jpg_0'")
-            d1, m1, kept1 = stored_image(b1, config, u_top=u[2], u_left=u[3], flip=bool(flips[1]),
-                                         where=f"{path}: row {local} column 'jpg_1'")
-            out.append(("pair", str(caption), lab == 1.0, None if kept0 else d0, m0, sha256_bytes(d0),
-                        None if kept1 else d1, m1, sha256_bytes(d1)))
-        except _BadRow as e:
-            out.append(("bad", str(e)))
+_opened: dict[Path, Any] = {}  # the parquet files this process has opened (a worker reads many segments of each)
+
+
+def _segment_rows(segment: _Segment, batch_rows: int) -> Iterator[_Row]:
+    """The segment's rows, read ``batch_rows`` at a time (only the required columns)."""
+    pf = _opened.get(segment.path)
+    if pf is None:
+        pf = _opened[segment.path] = _open_parquet(segment.path)
+    skip, left = segment.skip, segment.rows
+    row, local = segment.first_row, segment.start
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=list(segment.row_groups),
+                                 columns=list(REQUIRED_COLUMNS)):
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        batch = batch.slice(skip, min(batch.num_rows - skip, left))
+        skip, left = 0, left - batch.num_rows
+        cols = [batch.column(name).to_pylist() for name in REQUIRED_COLUMNS]
+        for b0, b1, label, caption in zip(*cols):
+            tie = _is_tie(label)
+            yield row, local, None if tie else _raw(b0), None if tie else _raw(b1), label, caption
+            row, local = row + 1, local + 1
+        if left == 0:
+            return
+
+
+def _process_row(config: ImportConfig, path: str, r: _Row) -> tuple:
+    """One row -> ("tie",) | ("bad", message) | ("pair", caption, winner, loser), each image as (the bytes to
+    store, its SDXL meta, whether they are the source's bytes)."""
+    row, local, b0, b1, label, caption = r
+    try:
+        lab = _label(label, path, local)
+        if lab == 0.5:
+            return ("tie",)
+        if caption is None:
+            raise _BadRow(f"{path}: row {local} column 'caption': caption is null")
+        u = _row_uniforms(config.seed, row)
+        flips = {"none": (False, False), "per_image": (u[4] < 0.5, u[5] < 0.5),
+                 "joint": (u[6] < 0.5, u[6] < 0.5)}[config.hflip]
+        d0, m0, kept0 = stored_image(b0, config, u_top=u[0], u_left=u[1], flip=bool(flips[0]),
+                                     where=f"{path}: row {local} column 'jpg_0'")
+        d1, m1, kept1 = stored_image(b1, config, u_top=u[2], u_left=u[3], flip=bool(flips[1]),
+                                     where=f"{path}: row {local} column 'jpg_1'")
+    except _BadRow as e:
+        return ("bad", str(e))
+    first, second = (d0, m0, kept0), (d1, m1, kept1)
+    return ("pair", str(caption), *((first, second) if lab == 1.0 else (second, first)))
+
+
+@dataclass
+class _SegmentResult:
+    """What importing one segment gave: its counts, the first bad row's message when ``on_bad_row`` is
+    "error" (the segment stops there), its pairs (caption, winner sha256, loser sha256, winner meta, loser
+    meta) and the shards holding their images, winner then loser, pair after pair."""
+
+    rows_read: int = 0
+    ties: int = 0
+    rejected: int = 0
+    rejections: list[str] = field(default_factory=list)  # the first _MAX_REJECTIONS_LISTED messages
+    error: str | None = None
+    kept: int = 0
+    pairs: list[tuple] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+
+
+def _import_segment(config: ImportConfig, segment: _Segment, images_dir: str, batch_rows: int,
+                    max_pairs: int | None) -> _SegmentResult:
+    """Import one segment into shards ``segment-<index>-<k>.safetensors`` in ``images_dir`` (the dataset's
+    temp images dir; the writing process renames them into its sequence). A pure function of its arguments,
+    so the dataset does not depend on which process ran it. Stops after ``max_pairs`` decided pairs."""
+    out = _SegmentResult()
+    shards = ImageShardWriter(Path(images_dir), rel_dir=Path(images_dir).name, shard_bytes=config.shard_bytes,
+                              name=lambda k: f"segment-{segment.index:06d}-{k:04d}.safetensors")
+    path = str(segment.path)
+    for r in _segment_rows(segment, batch_rows):
+        result = _process_row(config, path, r)
+        out.rows_read += 1
+        if result[0] == "tie":
+            out.ties += 1
+        elif result[0] == "bad":
+            if config.on_bad_row == "error":
+                out.error = result[1]
+                break
+            out.rejected += 1
+            if len(out.rejections) < _MAX_REJECTIONS_LISTED:
+                out.rejections.append(result[1])
+        else:
+            _, caption, winner, loser = result
+            for data, _meta, kept in (winner, loser):
+                shards.add(data)
+                out.kept += kept
+            out.pairs.append((caption, sha256_bytes(winner[0]), sha256_bytes(loser[0]), winner[1], loser[1]))
+            if max_pairs is not None and len(out.pairs) >= max_pairs:
+                break
+    out.shards = shards.close()
     return out
 
 
-def _processed(jobs: Iterator[tuple[str, Path, Any]], config: ImportConfig,
-               workers: int) -> Iterator[tuple[str, Path, Any, list[tuple] | None]]:
-    """The jobs in order, each "rows" job with its :func:`_process_rows` results.
+def _ordered(calls: Iterator[tuple[Callable, tuple]], workers: int) -> Iterator[Any]:
+    """The results of ``calls`` ((function, args), taken lazily) in order, computed by ``workers`` processes.
 
     ``workers`` > 1: a pool of that many processes (spawned: no state forked from a parent that may hold
-    threads) with at most ``2 * workers`` batches in flight, so memory stays bounded while every worker is
-    busy. Closing the generator early (``max_pairs`` reached, a bad row) cancels the batches not started.
-    """
+    threads) with at most ``2 * workers`` calls in flight, so every worker is busy and results wait in memory
+    only briefly. Closing the generator early (``max_pairs`` reached, a bad row) cancels the calls not started
+    and waits for the running ones, so nothing writes once it returns."""
     if workers == 1:
-        for kind, path, payload in jobs:
-            yield kind, path, payload, _process_rows(config, str(path), payload) if kind == "rows" else None
+        for function, args in calls:
+            yield function(*args)
         return
     from concurrent.futures import ProcessPoolExecutor
 
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     pending: deque = deque()
     try:
-        for kind, path, payload in jobs:
-            future = ex.submit(_process_rows, config, str(path), payload) if kind == "rows" else None
-            pending.append((kind, path, payload, future))
-            while len(pending) > 2 * workers:
-                kind, path, payload, future = pending.popleft()
-                yield kind, path, payload, None if future is None else future.result()
+        for function, args in calls:
+            pending.append(ex.submit(function, *args))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
         while pending:
-            kind, path, payload, future = pending.popleft()
-            yield kind, path, payload, None if future is None else future.result()
+            yield pending.popleft().result()
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
@@ -446,6 +538,7 @@ def import_pickapic(
     progress: Callable[[str], None] | None = print,
     progress_every: int = 1000,
     batch_rows: int = 64,
+    segment_rows: int = DEFAULT_SEGMENT_ROWS,
 ) -> ImportSummary:
     """Import Pick-a-Pic-style parquet ``sources`` into an image-only preference dataset at ``out_dir``.
 
@@ -455,13 +548,16 @@ def import_pickapic(
     messages are kept in the index. Missing columns or unreadable files always raise. Nothing is written to
     ``out_dir`` unless the whole import succeeds.
 
-    ``workers`` processes decode and encode (None: :func:`default_workers`; never more than there are
-    batches; 1: this process alone); the main process reads the parquet files, hands out batches of
-    ``batch_rows`` rows and writes the shards in row order, so the dataset is byte-identical for any
-    ``workers``. At most ``2 * workers + 1`` batches are held in memory.
+    The files are cut into segments of ``segment_rows`` rows (:func:`_segments`), and ``workers`` processes
+    (None: :func:`default_workers`; never more than there are segments; 1: this process alone) each import
+    whole segments: read the rows (``batch_rows`` at a time), decode, transform, encode, hash, and write the
+    segment's own shards; they also hash the source files. This process renames the segments' shards into one
+    sequence and writes ``pairs.jsonl``, in row order, so the dataset is byte-identical for any ``workers`` and
+    no image passes through it. At most ``2 * workers`` segments are in flight.
     """
-    if batch_rows < 1 or progress_every < 1:
-        raise ValueError(f"batch_rows={batch_rows}, progress_every={progress_every}: must be >= 1")
+    if batch_rows < 1 or progress_every < 1 or segment_rows < 1:
+        raise ValueError(f"batch_rows={batch_rows}, progress_every={progress_every}, segment_rows={segment_rows}: "
+                         "must be >= 1")
     workers = default_workers() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be None or an int >= 1")
@@ -469,65 +565,61 @@ def import_pickapic(
     files = find_parquet_files(sources)
     parquet = [(p, _open_parquet(p)) for p in files]  # schema errors before any work
     total = sum(pf.metadata.num_rows for _, pf in parquet)
-    workers = min(workers, max(1, math.ceil(total / batch_rows)))  # a worker per batch at most: no idle starts
+    segments = _segments(parquet, segment_rows)
+    workers = min(workers, max(1, len(segments)))  # a worker per segment at most: no idle starts
     params = asdict(config)
     judge = {"name": JUDGE_NAME, "higher_is_better": True, "params": params}
     source: dict[str, Any] = {"importer": "pickapic", "required_columns": list(REQUIRED_COLUMNS), **params,
-                              "verbatim_formats": list(_VERBATIM_FORMATS)}
+                              "verbatim_formats": list(_VERBATIM_FORMATS), "segment_rows": segment_rows}
     if config.encoding == "png":
         source["png_encoding"] = PNG_ENCODING
+    rows_in = {path: pf.metadata.num_rows for path, pf in parquet}
 
     rows_read = ties = rejected = kept = 0
-    done = False
     rejections: list[str] = []
     file_info: list[dict] = []
-    info: dict[str, Any] = {}
     t0 = time.monotonic()
-    say(f"importing {len(files)} file(s), {total} rows, with {workers} worker process(es)")
+    say(f"importing {len(files)} file(s), {total} rows in {len(segments)} segment(s), with {workers} worker "
+        "process(es)")
     bar = progress_bar(desc="import pickapic", total=total, unit="row")
-    stream = _processed(_jobs(parquet, batch_rows), config, workers)
-    with bar, closing(stream), ImagePairWriter(out_dir, judge=judge, source=source,
-                                               shard_bytes=config.shard_bytes) as writer:
-        for kind, path, payload, results in stream:
-            if kind == "file":
-                info = {"path": workspace_ref(path), "sha256": sha256_file(path), "rows_read": 0}
-                file_info.append(info)
-                say(f"reading {path} ({payload.metadata.num_rows} rows)")
-                continue
-            assert results is not None
-            for (_row, _local, b0, b1, _label_0, _caption), result in zip(payload, results):
-                rows_read += 1
-                info["rows_read"] += 1
-                if result[0] == "tie":
-                    ties += 1
-                elif result[0] == "bad":
-                    if config.on_bad_row == "error":
-                        raise DatasetError(f"{result[1]} — fix or drop the row, or import with on_bad_row='skip'; "
-                                           "nothing was written")
-                    rejected += 1
-                    if len(rejections) < _MAX_REJECTIONS_LISTED:
-                        rejections.append(result[1])
-                else:
-                    _, caption, first_wins, d0, m0, h0, d1, m1, h1 = result
-                    kept += (d0 is None) + (d1 is None)
-                    i0, i1 = (b0 if d0 is None else d0), (b1 if d1 is None else d1)
-                    if first_wins:
-                        writer.add_pair(caption, i0, i1, winner_meta=m0, loser_meta=m1, winner_sha256=h0,
-                                        loser_sha256=h1)
-                    else:
-                        writer.add_pair(caption, i1, i0, winner_meta=m1, loser_meta=m0, winner_sha256=h1,
-                                        loser_sha256=h0)
+    with bar, ImagePairWriter(out_dir, judge=judge, source=source, shard_bytes=config.shard_bytes) as writer:
+        images_dir = str(writer.images_dir)
+
+        # in reading order: each file's hash (recorded in the index), then its segments
+        plan: list[tuple[Path, _Segment | None]] = []
+        for path in files:
+            plan += [(path, None)] + [(path, seg) for seg in segments if seg.path == path]
+        calls = ((sha256_file, (path,)) if seg is None
+                 else (_import_segment, (config, seg, images_dir, batch_rows, config.max_pairs)) for path, seg in plan)
+        with closing(_ordered(calls, workers)) as results:
+            for (path, seg), result in zip(plan, results):
+                if seg is None:
+                    file_info.append({"path": workspace_ref(path), "sha256": result, "rows_read": 0})
+                    say(f"reading {path} ({rows_in[path]} rows)")
+                    continue
+                room = None if config.max_pairs is None else config.max_pairs - writer.num_pairs
+                if room is not None and (len(result.pairs) > room or (len(result.pairs) == room and result.error)):
+                    # max_pairs is reached inside this segment (before its bad row, if any): import up to there
+                    result = _import_segment(config, seg, images_dir, batch_rows, room)
+                if result.error is not None:
+                    raise DatasetError(f"{result.error} — fix or drop the row, or import with on_bad_row='skip'; "
+                                       "nothing was written")
+                before = rows_read
+                rows_read += result.rows_read
+                file_info[-1]["rows_read"] += result.rows_read
+                ties, rejected, kept = ties + result.ties, rejected + result.rejected, kept + result.kept
+                rejections += result.rejections[:_MAX_REJECTIONS_LISTED - len(rejections)]
+                writer.add_written_pairs(result.shards, result.pairs)
                 bar.set_postfix({"pairs": writer.num_pairs, "ties": ties, "rejected": rejected}, refresh=False)
-                bar.update(1)
-                if rows_read % progress_every == 0:
+                bar.update(result.rows_read)
+                if rows_read // progress_every > before // progress_every:
                     rate = rows_read / max(time.monotonic() - t0, 1e-9)
                     say(f"read {rows_read}/{total} rows: {writer.num_pairs} pairs, {ties} ties dropped, "
                         f"{rejected} rejected ({rate:.0f} rows/s)")
-                if config.max_pairs is not None and writer.num_pairs >= config.max_pairs:
-                    done = True
+                if room is not None and writer.num_pairs >= config.max_pairs:
                     break
-            if done:
-                break
+        for stray in Path(images_dir).glob("segment-*"):  # segments run ahead of a stop, never adopted
+            stray.unlink()
         pairs = writer.num_pairs
         if pairs == 0:
             raise DatasetError(

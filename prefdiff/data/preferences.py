@@ -327,13 +327,43 @@ class ImagePairWriter:
                               winner_score=float(winner_score), loser_score=float(loser_score), tie=False)
         ids = (self._shards.add(winner), self._shards.add(loser))
         assert ids == (pair.winner, pair.loser), ids
-        extra: dict[str, Any] = {"winner_sha256": winner_sha256 or sha256_bytes(winner),
-                                 "loser_sha256": loser_sha256 or sha256_bytes(loser)}
+        self._pairs.add(pair, self._image_fields(i, winner_sha256 or sha256_bytes(winner),
+                                                 loser_sha256 or sha256_bytes(loser), winner_meta, loser_meta))
+        return pair
+
+    @staticmethod
+    def _image_fields(i: int, winner_sha256: str, loser_sha256: str, winner_meta: dict | None,
+                      loser_meta: dict | None) -> dict[str, Any]:
+        """pairs.jsonl's per-image keys of pair ``i``."""
+        extra: dict[str, Any] = {"winner_sha256": winner_sha256, "loser_sha256": loser_sha256}
         if winner_meta is not None or loser_meta is not None:
             extra["winner_meta"] = _meta_json(winner_meta, f"pair {i} winner_meta")
             extra["loser_meta"] = _meta_json(loser_meta, f"pair {i} loser_meta")
-        self._pairs.add(pair, extra)
-        return pair
+        return extra
+
+    @property
+    def images_dir(self) -> Path:
+        """Where other processes write the shards :meth:`add_written_pairs` adopts (inside the temp dir, so an
+        aborted import removes them too)."""
+        return self._tmp / IMAGES_DIR
+
+    def add_written_pairs(self, shards: list[dict], pairs: list[tuple[str, str, str, dict | None, dict | None]]) -> None:
+        """Store decided pairs whose images another process already wrote to shards in :attr:`images_dir`.
+
+        ``shards``: that :class:`ImageShardWriter`'s entries, holding each pair's winner then loser, in order;
+        ``pairs``: per pair (prompt, winner sha256, loser sha256, winner meta, loser meta). The shards are
+        renamed into this dataset's sequence and the pairs get the next ids, as :meth:`add_pair` gives them."""
+        if self._state != "open":
+            raise RuntimeError(f"ImagePairWriter for {self.out_dir} is {self._state}")
+        images = sum(entry["num_images"] for entry in shards)
+        if images != 2 * len(pairs):
+            raise ValueError(f"{len(pairs)} pairs need {2 * len(pairs)} images; the shards hold {images}")
+        self._shards.adopt(shards)
+        for prompt, winner_sha256, loser_sha256, winner_meta, loser_meta in pairs:
+            i = self._pairs.num_pairs
+            pair = PreferencePair(group_id=i, prompt=str(prompt), winner=2 * i, loser=2 * i + 1, winner_score=1.0,
+                                  loser_score=0.0, tie=False)
+            self._pairs.add(pair, self._image_fields(i, winner_sha256, loser_sha256, winner_meta, loser_meta))
 
     def close(self, source_updates: dict | None = None) -> Path:
         """Write the last shard, pairs.jsonl and index.json, swap the directory in; returns the index path."""

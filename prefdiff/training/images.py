@@ -114,7 +114,10 @@ class ImagePairMethod(Method):
 
     def __init__(self, ctx: FitContext) -> None:
         super().__init__(ctx)
-        self.pairs = ctx.preferences.image_pairs(ctx.trajectories)
+        # an imported dataset's images are each checked against their own sha256 as batches read them, so its
+        # shards are not hashed whole first: that would read the dataset twice (~1.3 TB for Pick-a-Pic v2 raw)
+        self.pairs = ctx.preferences.image_pairs(ctx.trajectories,
+                                                 verify=ctx.preferences.source_kind == "trajectories")
         if not self.pairs:
             raise ValueError(f"{ctx.preferences.root}: no decided preference pairs (all ties?); nothing to train on")
         self.items = len(self.pairs)
