@@ -11,6 +11,7 @@ line and exit status 2 (``run_stage``), never a traceback.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -151,8 +152,18 @@ def launch_command(stage: str, processes: int, *, mixed_precision: str = "no",
     if config:  # its machines, FSDP or DeepSpeed settings; the process count is that of all nodes
         cmd += ["--config_file", config]
     else:  # one process per GPU (torchrun), or per CPU worker meeting over gloo when model.device is the CPU
-        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", mixed_precision]
+        cmd += ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", mixed_precision,
+                # a free port, not accelerate's fixed 29500: two launched stages on one machine (two pipelines, or
+                # an experiment beside a run) would otherwise meet on the same rendezvous port
+                "--main_process_port", str(free_port())]
     return cmd + ["-m", f"stages.{stage}"]
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def relaunch(stage: str, processes: int, *, mixed_precision: str = "no") -> None:

@@ -11,7 +11,6 @@ by the ``one_process`` fixture whatever OMP_NUM_THREADS says, and in the launche
 """
 
 import json
-import socket
 import subprocess
 from pathlib import Path
 from unittest.mock import patch
@@ -29,7 +28,7 @@ from prefdiff.sampling.dataset import sample_dataset
 from prefdiff.scorers import get_scorer
 from prefdiff.training.fit import fit, shares, steps_per_epoch
 from prefdiff.training.methods import d3po
-from stages._common import launch_command
+from stages._common import free_port, launch_command
 
 DATA = {"sample": {"num_prompts": 2, "images_per_group": 3, "batch_size": 6}, "sampling": {"num_steps": 4}}
 # adam_eps 1 makes AdamW's update ~ lr x gradient: with a small eps it is lr x sign(g) for tiny components, and a
@@ -52,12 +51,6 @@ THRESHOLDED = {"implicit_acc", "clip_frac"}  # counts of float comparisons: see 
 
 def overrides(train: dict, processes: int) -> dict:
     return DATA | {"train": SHARED | train | {"num_processes": processes}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

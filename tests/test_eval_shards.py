@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import venv_env
-from stages._common import launch_command
-from test_ddp import free_port
+from stages._common import free_port, launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).parent / "eval_worker.py")

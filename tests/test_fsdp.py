@@ -34,7 +34,8 @@ from prefdiff.scorers import get_scorer
 from prefdiff.training import sharding
 from prefdiff.training.fit import fit
 from prefdiff.training.methods import d3po
-from test_ddp import D3PO, DATA, DPO, REPO, SHARED, THRESHOLDED, free_port
+from stages._common import free_port
+from test_ddp import D3PO, DATA, DPO, REPO, SHARED, THRESHOLDED
 
 CONFIG = REPO / "deploy" / "accelerate" / "fsdp_full.yaml"
 FULL = {"finetune": "full"}

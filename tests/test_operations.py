@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,14 +20,9 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO, dvc, git, isolated_mlflow, make_workspace, venv_env
+from stages._common import free_port
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -17,8 +17,7 @@ import pytest
 from conftest import venv_env
 from prefdiff.config import parse_params
 from prefdiff.sampling.dataset import group_seed
-from stages._common import launch_command
-from test_ddp import free_port
+from stages._common import free_port, launch_command
 
 MODEL = {"sampling": {"num_steps": 3}}
 RUNS = {
