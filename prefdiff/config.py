@@ -43,7 +43,9 @@ MAX_PROMPTS = 1_000_000
 MAX_SEEDS_PER_PROMPT = 10_000
 MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
 MAX_PROCESSES = 4096  # processes of one training, sampling or evaluation run (GPUs over all nodes)
-EXECUTION_KEYS = {"num_processes"}  # train / sample / evaluate keys that change how a run executes, not its result
+# train / sample / evaluate keys that change how a run executes, not its result: the process count (float sums
+# in another order) and train.compile (the same math in other kernels, checked against eager: fit.check_compiled)
+EXECUTION_KEYS = {"num_processes", "compile"}
 
 
 _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -340,6 +342,10 @@ class TrainParams(_Section):
     batch_size: int = Field(1, ge=1, le=MAX_BATCH)  # training items (pairs, or images for ddpo) per micro-batch
     gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)  # micro-batches per optimizer step
     gradient_checkpointing: bool = False  # recompute UNet activations in backward (less memory, ~30% slower)
+    # torch.compile backend of the training UNet's forward and backward (None: eager); each run first compares its
+    # gradients with eager's on the first unit and stops on a mismatch (fit.check_compiled). How the run executes
+    # (``EXECUTION_KEYS``): not a DVC param of the train stage, not in checkpoints' fingerprints.
+    compile: Literal["inductor", "aot_eager", "cudagraphs"] | None = None
     lora_rank: int = Field(4, ge=1, le=1024)
     lora_alpha: float = Field(4.0, gt=0.0, le=4096.0)  # LoRA scale alpha / rank; 1e30 trained nothing
     # "base": the base UNet with adapters disabled; "previous_round": the policy the round starts from, frozen

@@ -53,7 +53,7 @@ from prefdiff.data.trajectories import TrajectoryStore
 from prefdiff.models.processes import process_state
 from prefdiff.sampling.dataset import dtype_knob
 from prefdiff.progress import above_bars, progress_bar
-from prefdiff.sampling.guards import NumericsError, memory_knobs
+from prefdiff.sampling.guards import NumericsError, RunError, memory_knobs
 from prefdiff.sampling.guidance import Conditioning, encode_prompts
 from prefdiff.training.checkpoint import load_checkpoint, save_checkpoint
 from prefdiff.training.trainable import TrainableUNet
@@ -243,6 +243,35 @@ def shares(items: int, processes: int) -> list[torch.Tensor]:
     return list(torch.tensor_split(torch.arange(items), processes))
 
 
+def step_units(plan: StepPlan, seed: int, timesteps: tuple[int, int] | None, rank: int, processes: int, *,
+               sharded: bool) -> Iterator[tuple[Unit | None, float, bool]]:
+    """The backwards of one optimizer step, in order, as process ``rank`` of ``processes`` runs them: (unit, weight
+    of its loss, whether it is the step's last backward). Unit None: this process has no rows of the micro-batch
+    and that backward need not run here. Lazy: each micro-batch's generator is drawn from as the units' losses
+    consume it, in this order."""
+    units = 1 if timesteps is None else timesteps[1]
+    backwards, count = len(plan.micro_batches) * units, 0
+    for b_index, micro in plan.micro_batches:
+        generator = rng(seed, plan.epoch, b_index)
+        if timesteps is None:
+            steps: list[torch.Tensor | None] = [None]
+        else:  # drawn for the whole micro-batch, so every process draws the same
+            perms = torch.stack([torch.randperm(timesteps[0], generator=generator) for _ in range(len(micro))])
+            steps = list(perms[:, :units].T)  # per unit [b]: one step per item, shared by a pair's images
+        share = shares(len(micro), processes)[rank]
+        for step_index in steps:
+            count += 1
+            last = count == backwards
+            if len(share) == 0 and not (last or sharded):  # fewer rows than processes: none here
+                yield None, 0.0, last
+                continue
+            # The last backward all-reduces (and under FSDP every forward and backward gathers weights), so every
+            # process runs it: an empty share trains one row with weight 0.
+            weight, mine = (len(share) / len(micro), share) if len(share) else (0.0, torch.arange(1))
+            yield (Unit(micro[mine], generator, None if step_index is None else step_index[mine], micro, mine,
+                        padding=not weight), weight, last)
+
+
 def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
                timesteps: tuple[int, int] | None, on_backward: Callable[[], None] = lambda: None) -> StepResult:
     """Back-propagate every unit of one optimizer step, then step (unless a loss or the gradient is not finite).
@@ -259,29 +288,11 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
     inner loop never waits for the device.
     """
     acc = model.accelerator
-    rank, processes = acc.process_index, acc.num_processes
-    units = 1 if timesteps is None else timesteps[1]
-    backwards, count = len(plan.micro_batches) * units, 0
+    processes = acc.num_processes
+    backwards = len(plan.micro_batches) * (1 if timesteps is None else timesteps[1])
     totals = torch.zeros(len(method.metrics) + 1, device=model.device)  # [metric sums..., non-finite losses]
-    for b_index, micro in plan.micro_batches:
-        generator = rng(seed, plan.epoch, b_index)
-        if timesteps is None:
-            steps: list[torch.Tensor | None] = [None]
-        else:  # drawn for the whole micro-batch, so every process draws the same
-            perms = torch.stack([torch.randperm(timesteps[0], generator=generator) for _ in range(len(micro))])
-            steps = list(perms[:, :units].T)  # per unit [b]: one step per item, shared by a pair's images
-        share = shares(len(micro), processes)[rank]
-        for step_index in steps:
-            count += 1
-            last = count == backwards
-            if len(share) == 0 and not (last or model.sharded):  # fewer rows than processes: none here
-                on_backward()
-                continue
-            # The last backward all-reduces (and under FSDP every forward and backward gathers weights), so every
-            # process runs it: an empty share trains one row with weight 0.
-            weight, mine = (len(share) / len(micro), share) if len(share) else (0.0, torch.arange(1))
-            unit = Unit(micro[mine], generator, None if step_index is None else step_index[mine], micro, mine,
-                        padding=not weight)
+    for unit, weight, last in step_units(plan, seed, timesteps, acc.process_index, processes, sharded=model.sharded):
+        if unit is not None:
             with nullcontext() if last else acc.no_sync(model.unet):
                 loss, metrics = method.loss(unit)
                 acc.backward(loss * (weight * processes) / backwards)
@@ -289,14 +300,70 @@ def accumulate(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
                 values = [torch.as_tensor(metrics[k], dtype=torch.float32, device=model.device).detach() * weight
                           for k in method.metrics]
                 totals += torch.stack([*values, (~torch.isfinite(loss.detach())).any().float()])
-            on_backward()
+        on_backward()
     if processes > 1:
         totals = acc.reduce(totals, reduction="sum")
     grad_norm = model.clip_gradients()
     *sums, nonfinite, norm = torch.cat([totals, grad_norm.detach().float().reshape(1).to(totals.device)]).tolist()
     skipped = nonfinite > 0 or not math.isfinite(norm)
     model.optimizer_step(take=not skipped)
-    return StepResult({k: v / count for k, v in zip(method.metrics, sums)}, norm, skipped=skipped)
+    return StepResult({k: v / backwards for k, v in zip(method.metrics, sums)}, norm, skipped=skipped)
+
+
+class CompileMismatch(RunError):
+    """``train.compile``'s backend computes other gradients than eager PyTorch on this machine."""
+
+
+# Relative distance allowed between the compiled and the eager UNet's gradients, per top-level part of the UNet
+# (||g_compiled - g_eager|| / ||g_eager||): fp32 kernels fused in another order move gradients by ~1e-6; under
+# bf16/fp16 autocast a fused kernel rounds its intermediates differently, ~1e-3. A wrong compiler misses by far
+# more: inductor's CPU backward (README "Fast path") loses whole parts, distance ~1.
+COMPILE_RTOL = {"no": 1e-3, "bf16": 3e-2, "fp16": 3e-2}
+
+
+def check_compiled(model: TrainableUNet, method: Method, plan: StepPlan, seed: int,
+                   timesteps: tuple[int, int] | None) -> tuple[str, float]:
+    """Back-propagate the first unit of ``plan`` through the eager UNet and through the compiled one
+    (``model.unet``), from the same weights and draws, and compare the gradients per top-level part of the UNet
+    (summed over processes). Returns the part furthest from eager and its relative distance; raises
+    CompileMismatch beyond ``COMPILE_RTOL``. Leaves no gradient behind and does not touch the training draws
+    (``step_units`` makes its own generators)."""
+    acc = model.accelerator
+    unit = next(u for u, _, _ in step_units(plan, seed, timesteps, acc.process_index, acc.num_processes,
+                                           sharded=model.sharded) if u is not None)
+    draws = unit.generator.get_state()
+    named = [(name.split(".")[0], p) for name, p in model.raw_unet.named_parameters() if p.requires_grad]
+    parts = sorted({part for part, _ in named})
+    grads = []
+    for unet in (model.eager_unet, model.unet):
+        unit.generator.set_state(draws)
+        with model.training_unet(unet), acc.no_sync(unet):
+            loss, _ = method.loss(unit)
+            acc.backward(loss)
+        # FSDP: each process's shard of each gradient (the sums below add up the shards)
+        grads.append([None if p.grad is None else (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+                      .detach().clone() for _, p in named])
+        model.optimizer.zero_grad(set_to_none=True)
+    sums = torch.zeros(len(parts), 2, dtype=torch.float64, device=model.device)  # [part, (||diff||^2, ||eager||^2)]
+    for (part, _), eager, compiled in zip(named, *grads):
+        eager = torch.zeros(()) if eager is None else eager.double()
+        compiled = torch.zeros(()) if compiled is None else compiled.double()
+        row = parts.index(part)
+        sums[row, 0] += ((compiled - eager) ** 2).sum().to(sums.device)
+        sums[row, 1] += (eager**2).sum().to(sums.device)
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums, reduction="sum")
+    distance = [math.sqrt(d / r) if r > 0 else (0.0 if d == 0 else math.inf) for d, r in sums.tolist()]
+    worst = max(range(len(parts)), key=lambda k: distance[k])
+    tolerance = COMPILE_RTOL[model.tp.mixed_precision]
+    if not distance[worst] <= tolerance:
+        far = ", ".join(f"{part} {d:.2g}" for part, d in zip(parts, distance) if not d <= tolerance)
+        raise CompileMismatch(
+            f"train.compile = {model.tp.compile!r}: the compiled UNet's gradients are not eager PyTorch's on the first "
+            f"training unit (relative distance {far}; allowed {tolerance:g} under mixed_precision "
+            f"{model.tp.mixed_precision!r}): this backend computes wrong gradients here (torch {torch.__version__}); "
+            "allowed: train.compile null (eager), or a backend that passes this check")
+    return parts[worst], distance[worst]
 
 
 def inputs_fingerprint(params: Params, preferences: PreferenceStore, trajectories: TrajectoryStore | None) -> str:
@@ -494,6 +561,14 @@ def fit(
                             resumed_from_step=start_step, seconds=time.time() - began, final=final, curve=curve,
                             extra=extra)
 
+    if tp.compile is not None:  # a wrong compiler is refused before it trains anything
+        first = next(plan_steps(method.items, tp, start_step), None)
+        if first is not None:
+            part, distance = check_compiled(model, method, first, tp.seed, timesteps)
+            extra["compile_gradient_distance"] = distance
+            progress(f"train.compile = {tp.compile!r}: gradients of the compiled UNet match eager's on the first unit "
+                     f"(furthest part {part}: relative distance {distance:.2g}, allowed "
+                     f"{COMPILE_RTOL[tp.mixed_precision]:g})")
     start_weights = model.weights()  # the update norm of this call: did training change the policy at all?
     units = 1 if timesteps is None else timesteps[1]
     bar = progress_bar(desc=f"train {name}", total=backwards_before(total_steps, method.items, tp, units),
@@ -551,4 +626,4 @@ def fit(
     return done
 
 
-__all__ = ["FitContext", "Method", "PromptTable", "Unit", "fit", "rng"]
+__all__ = ["COMPILE_RTOL", "CompileMismatch", "FitContext", "Method", "PromptTable", "Unit", "check_compiled", "fit", "rng"]

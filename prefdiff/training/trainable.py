@@ -114,12 +114,27 @@ class TrainableUNet:
         optimizer = make_optimizer(tp, trainable, self.base_lr)
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
         self.raw_unet = self.accelerator.unwrap_model(self.unet)
+        # The methods' training forwards go through ``unet``: compiled with ``train.compile``, whose gradients
+        # ``fit`` first checks against this eager module's (``check_compiled``). Reference passes, sampling and
+        # saving use ``raw_unet`` and stay eager.
+        self.eager_unet = self.unet
+        if tp.compile is not None:
+            self.unet = torch.compile(self.unet, backend=tp.compile)
         # FSDP (``sharding``) replaces every parameter by its shard: clipping must see the prepared parameters
         self.sharded = any(sharding.is_sharded(p) for p in self.raw_unet.parameters())
         if tp.finetune == "full":
             self.trainable = list(self.raw_unet.parameters())
         kind = f"LoRA r={tp.lora_rank}" if tp.finetune == "lora" else "full UNet"
         progress(f"training {kind}: {self.num_trainable:,} parameters, {tp.optimizer}, lr {self.base_lr:g}")
+
+    @contextmanager
+    def training_unet(self, unet) -> Iterator[None]:
+        """The methods' training forwards go through ``unet`` inside the block (the eager or the compiled module)."""
+        kept, self.unet = self.unet, unet
+        try:
+            yield
+        finally:
+            self.unet = kept
 
     @property
     def device(self) -> torch.device:
