@@ -42,9 +42,9 @@ MAX_BATCH = 65_536  # items per micro-batch, or micro-batches per optimizer step
 MAX_PROMPTS = 1_000_000
 MAX_SEEDS_PER_PROMPT = 10_000
 MAX_STEPS = 10_000_000  # optimizer steps between checkpoints
-MAX_PROCESSES = 4096  # processes of one training, sampling or evaluation run (GPUs over all nodes)
-# train / sample / evaluate keys that change how a run executes, not its result: the process count (float sums
-# in another order) and train.compile (the same math in other kernels, checked against eager: fit.check_compiled)
+MAX_PROCESSES = 4096  # processes of one training, sampling, evaluation or rounds run (GPUs over all nodes)
+# train / sample / evaluate / rounds keys that change how a run executes, not its result: the process count (float
+# sums in another order) and train.compile (the same math in other kernels, checked against eager: fit.check_compiled)
 EXECUTION_KEYS = {"num_processes", "compile"}
 
 
@@ -517,7 +517,7 @@ class CompareParams(_Section):
 
 
 class RoundsParams(_Section):
-    """The ``rounds`` stage (``prefdiff.rounds``): many automatic-judge rounds in one process (D3PO Algorithm 1).
+    """The ``rounds`` stage (``prefdiff.rounds``): many automatic-judge rounds in one run (D3PO Algorithm 1).
 
     Round r samples ``groups_per_round`` prompt groups (``sample.images_per_group`` images each, prompts drawn
     at random from ``sample.prompt_set``) from round r-1's policy, labels them (``label``: judge or
@@ -530,6 +530,10 @@ class RoundsParams(_Section):
     # every N rounds and after the last: the policy's reward and win-rate against the base on the evaluation
     # prompts, and the sampling policy's KL proxy and implicit accuracy on the round's fresh pairs
     eval_every: int = Field(5, ge=1, le=100_000)
+    # How the run executes, not what it computes (``EXECUTION_KEYS``; not in the rounds fingerprint): processes
+    # that share every round's sampling, training and evaluation (the rounds stage relaunches itself under
+    # `accelerate launch` when > 1; the main process labels, scores and writes).
+    num_processes: int = Field(1, ge=1, le=MAX_PROCESSES)
 
 
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)

@@ -39,7 +39,8 @@ def test_shipped_params_are_valid():
         ({"model": {"device": "gpu0"}}, ["model.device", "gpu0", "cuda:N"]),
         ({"rounds": {"count": 0}}, ["rounds.count", "0", "greater than or equal to 1"]),
         ({"rounds": {"eval_every": 0}}, ["rounds.eval_every", "0", "greater than or equal to 1"]),
-        ({"rounds": {"groups": 4}}, ["rounds.groups", "unknown key", "count, groups_per_round, eval_every"]),
+        ({"rounds": {"groups": 4}}, ["rounds.groups", "unknown key", "count, groups_per_round, eval_every, num_processes"]),
+        ({"rounds": {"num_processes": 0}}, ["rounds.num_processes", "0", "greater than or equal to 1"]),
         ({"train": {"reference": "teacher"}}, ["train.reference", "teacher", "'base' or 'previous_round'"]),
     ],
 )

@@ -249,6 +249,9 @@ def test_what_the_rounds_and_the_train_stage_refuse():
     human = rounds_refusal(_params(label={"source": "human"}))
     assert "label.source = 'human'" in human and "allowed: judge, simulated" in human
     assert "allowed: lora" in rounds_refusal(_params(train={"finetune": "full"}))
+    crowded = rounds_refusal(_params(rounds={"num_processes": 4}))  # micro-batches of 2 pairs
+    assert "rounds.num_processes = 4 > train.batch_size = 2" in crowded and "allowed: train.batch_size >=" in crowded
+    assert rounds_refusal(_params(rounds={"num_processes": 2})) is None
     # previous_round without init_lora is valid params (the rounds stage's previous round is the reference) ...
     previous = _params(train={"reference": "previous_round"})
     # ... but the single-round train stage starts from init_lora and says so, in one line

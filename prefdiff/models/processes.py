@@ -1,9 +1,10 @@
 """The processes of one run: this process's accelerate state, and objects gathered to the main process.
 
-Under ``accelerate launch`` (``train.num_processes``, ``sample.num_processes``, ``evaluate.num_processes`` > 1)
-every process runs the same code; training shares every micro-batch (``prefdiff.training.fit``), sampling and the
-evaluation's image generation share their batches (``shared_batches``: ``prefdiff.sampling.dataset``,
-``evaluation.evaluate``), and only the main process writes. Without a launcher there is one process and nothing
+Under ``accelerate launch`` (``train.num_processes``, ``sample.num_processes``, ``evaluate.num_processes``,
+``rounds.num_processes`` > 1) every process runs the same code; training shares every micro-batch
+(``prefdiff.training.fit``), sampling and the evaluation's image generation share their batches
+(``shared_batches``: ``prefdiff.sampling.dataset``, ``evaluation.evaluate``; the rounds loop uses both), and only
+the main process writes. Without a launcher there is one process and nothing
 here talks to another.
 """
 

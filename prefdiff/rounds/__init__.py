@@ -1,4 +1,4 @@
-"""Many preference rounds in one process (D3PO, Yang et al. 2024, Algorithm 1; Sec. 5.1 and 5.2).
+"""Many preference rounds in one run, no process per round (D3PO, Yang et al. 2024, Algorithm 1; Sec. 5.1 and 5.2).
 
 Round r samples prompt groups from round r-1's policy, labels them with an automatic judge (or simulated
 annotators), and trains on them; the model, its optimizer, the judge and the base's evaluation samples stay

@@ -1,4 +1,4 @@
-"""``run_rounds``: D3PO's Algorithm 1 with an automatic judge, every round in this one process.
+"""``run_rounds``: D3PO's Algorithm 1 with an automatic judge, every round in one run (no process per round).
 
 Per round r (1..``rounds.count``):
 
@@ -17,6 +17,12 @@ Per round r (1..``rounds.count``):
    evaluation prompts (``evaluate``: the same prompts, seeds and judge as the evaluate stage, the base's
    samples drawn and scored once);
 6. write the round (``records``), its curves, and hand its metrics to ``on_round``.
+
+Under ``accelerate launch`` (``rounds.num_processes``) every process runs the loop: they share each round's
+sampling (as the sample stage does: the dataset is the one process's), the base's log-prob pass of step 3, the
+training (``fit``: every micro-batch shared, DDP) and the evaluation's image generation (as the evaluate stage
+does); the main process alone labels, scores, prints and writes, and the others read what it wrote after a
+barrier. Every process makes the same collective calls in the same order, whatever a round holds (all ties too).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from prefdiff.config import Params
+from prefdiff.models.processes import gather_to_all, process_device, process_state, wait_for_everyone
 from prefdiff.paths import Paths
 from prefdiff.rounds.records import (
     code_sha256,
@@ -54,11 +61,16 @@ def rounds_refusal(params: Params) -> str | None:
     if params.train.finetune != "lora":
         return (f"train.finetune = {params.train.finetune!r}: the rounds stage trains a LoRA (one per round is kept); "
                 "allowed: lora")
+    if params.rounds.num_processes > params.train.batch_size:  # fit's own refusal, before anything loads
+        return (f"rounds.num_processes = {params.rounds.num_processes} > train.batch_size = {params.train.batch_size}: "
+                "the processes share every micro-batch, so some would idle; allowed: train.batch_size >= "
+                "rounds.num_processes (a multiple of it balances the work)")
     return None
 
 
 @dataclass
-class RoundsResult:
+class RoundsResult:  # the main process's
+
     rows: list[dict[str, Any]]  # round 0 (the base's evaluation) then one per round
     summary: dict[str, Any]
     resumed: int  # rounds found complete on disk and not recomputed
@@ -69,30 +81,40 @@ class PolicyEvaluation:
     """The evaluation prompts and seeds (``evaluate``), the primary judge, and the base's scores on them.
 
     Built on the base pipeline before any adapter exists; ``of(pipe)`` scores what ``pipe`` draws now against
-    the base's samples of the same (prompt, seed): the same noise, so the comparison is paired."""
+    the base's samples of the same (prompt, seed): the same noise, so the comparison is paired. Under several
+    processes (``state``) they share the generation (``generate_shared``, as the evaluate stage); the main process
+    alone holds the judge and the scores, and the others' rows are empty."""
 
-    def __init__(self, params: Params, pipe, root: Path, progress: Callable[[str], None]) -> None:
+    def __init__(self, params: Params, pipe, root: Path, progress: Callable[[str], None], state) -> None:
         from evaluation.evaluate import build_scorers, eval_prompts_and_seeds
         from prefdiff.sampling.sampler import SamplingConfig
 
-        self.params = params
+        self.params, self.state = params, state
         self.prompts, self.seeds = eval_prompts_and_seeds(params, root)
-        only_primary = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"scorers": []})})
-        scorers, _ = build_scorers(only_primary, progress)
-        self.judge = scorers[params.eval_judge]
+        self.judge = None
+        if state.is_main_process:
+            only_primary = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"scorers": []})})
+            scorers, _ = build_scorers(only_primary, progress)
+            self.judge = scorers[params.eval_judge]
         self.cfg = SamplingConfig(**params.sampling.model_dump())
         self.base = self._scores(pipe)
 
-    def _scores(self, pipe) -> np.ndarray:
-        from prefdiff.sampling.sampler import generate
+    def _scores(self, pipe) -> np.ndarray | None:
+        """The judge's scores of what ``pipe`` draws, on the main process; None on the others (their share of
+        the generation is with the main process)."""
+        from evaluation.evaluate import generate_shared
         from prefdiff.scorers import scores_as_decimals
 
-        images = generate(pipe, self.prompts, self.seeds, self.cfg, batch_size=self.params.evaluate.batch_size)
+        images = generate_shared(pipe, self.prompts, self.seeds, self.cfg, self.params.evaluate.batch_size, self.state)
+        if images is None:
+            return None
         return np.asarray(scores_as_decimals(self.judge.score(images, self.prompts)))
 
     def base_row(self) -> dict[str, float]:
         from evaluation.stats import mean_ci
 
+        if self.base is None:
+            return {}
         mean = mean_ci(self.base)
         return {"eval_reward": mean.mean, "eval_reward_low": mean.low, "eval_reward_high": mean.high}
 
@@ -103,6 +125,8 @@ class PolicyEvaluation:
 
         ep = self.params.evaluate
         scores = self._scores(pipe)
+        if scores is None:
+            return {}
         mean = mean_ci(scores)
         wr = win_rate_summary(scores, self.base, self.prompts, tie_margin=ep.tie_margin,
                               higher_is_better=bool(self.judge.higher_is_better), n_boot=ep.bootstrap_samples,
@@ -113,7 +137,7 @@ class PolicyEvaluation:
                 "win_rate_wilson_high": wr.win_rate_ci_wilson[1]}
 
 
-def sampler_against_base(model, store, preferences, params: Params) -> dict[str, float]:
+def sampler_against_base(model, store, preferences, params: Params, state) -> dict[str, float]:
     """KL proxy and implicit accuracy of the policy that sampled ``store``, against the base, on its chains.
 
     ratio_i = sum_t [log pi(x_{t-1}|x_t) - log pi_base(x_{t-1}|x_t)] of image i's stored chain (per-step
@@ -121,7 +145,8 @@ def sampler_against_base(model, store, preferences, params: Params) -> dict[str,
     adapters disabled. kl_proxy = mean_i ratio_i, a Monte Carlo estimate of KL(pi || pi_base) over the chain
     (per latent dimension), since the chains are pi's own samples; implicit_acc = the share of the round's
     decided pairs whose winner has the larger ratio (ties half; ``evaluation.implicit``), measured on pairs
-    the policy was never trained on."""
+    the policy was never trained on. ``state``: the accelerate state of the processes that share the base's
+    pass (``reference_log_probs``; every process gets the whole table, the one process's bit for bit)."""
     from evaluation.implicit import accuracy_of_log_ratios
     from prefdiff.models.lora import adapters_disabled
     from prefdiff.training.trajectory import TrajectoryImages, reference_log_probs
@@ -131,7 +156,7 @@ def sampler_against_base(model, store, preferences, params: Params) -> dict[str,
     sampling = params.sampling
     with adapters_disabled(model.raw_unet):
         base = reference_log_probs(model.pipe, images.chain, images.timesteps, images.embeds, images.uncond, sampling,
-                                   eta=sampling.eta, batch_size=64)
+                                   eta=sampling.eta, batch_size=64, processes=state)
     ratio = (images.sampled_logp.double() - base.double()).sum(1)  # [N]
     out: dict[str, float] = {"kl_proxy": float(ratio.mean())}
     decided = preferences.training_pairs()
@@ -171,11 +196,14 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def run_rounds(params: Params, root: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
-               progress: Callable[[str], None] | None = None) -> RoundsResult:
+               progress: Callable[[str], None] | None = None) -> RoundsResult | None:
     """Run rounds 1..``rounds.count`` in ``root`` (the workspace), resuming after the complete rounds already
     in ``data/rounds`` (``records``); writes ``data/rounds``, ``metrics/rounds.json``, ``plots/rounds.csv``,
     ``plots/rounds_eval.csv`` and ``plots/rounds.png``. ``on_round`` gets each computed round's metrics row;
-    ``progress`` one line per round (default: written above the progress bar)."""
+    ``progress`` one line per round (default: written above the progress bar).
+
+    Under ``accelerate launch`` every process calls this (the module docstring says what they share); the main
+    process alone writes, reports and returns the result, the others return None once the last round is written."""
     from tqdm import tqdm
 
     from evaluation.stats import mean_ci
@@ -194,29 +222,32 @@ def run_rounds(params: Params, root: Path, *, on_round: Callable[[dict[str, Any]
     why = rounds_refusal(params)
     if why is not None:
         raise ValueError(why)
-    say = progress or tqdm.write
+    state = process_state(params)
+    main = state.is_main_process
+    say = (progress or tqdm.write) if main else (lambda _: None)  # one process speaks
     root = Path(root)
     paths = Paths(root)
     rp, tp = params.rounds, params.train
     prompts = get_prompt_set(params.sample.prompt_set, params.sample.num_prompts, root=root)
-    pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=params.model.device,
+    pipe = load_pipeline(params.model.source, dtype=params.model.dtype, device=process_device(params, state),
                          revision=params.model.revision)
     base_sha = model_fingerprint(pipe)
     fingerprint = rounds_fingerprint(params, base_sha, code_sha256())
-    done = completed_rounds(paths.rounds, fingerprint, rp.count, say)
-    evaluation = PolicyEvaluation(params, pipe, root, say)  # the base's samples: before any adapter exists
-    judge = judge_scorer(params.label.judge, params.label.judge_args, params.label.jpeg_quality)
+    # the main process removes what it does not resume, then every process resumes the same rounds
+    done = gather_to_all(completed_rounds(paths.rounds, fingerprint, rp.count, say) if main else None, state)[0]
+    evaluation = PolicyEvaluation(params, pipe, root, say, state)  # the base's samples: before any adapter exists
+    judge = judge_scorer(params.label.judge, params.label.judge_args, params.label.jpeg_quality) if main else None
     method_cls = resolve(TRAIN_METHODS[tp.method])
     model = TrainableUNet(params, need_reference_copy=method_cls.needs_reference_copy, progress=lambda _: None,
                           pipe=pipe)
-    if done:  # continue from the last complete round's weights and optimizer state
+    if done:  # every process continues from the last complete round's weights and optimizer state
         last = round_dir(paths.rounds, done[-1]["round"])
-        state = load_checkpoint(last / "checkpoint" / "state", done[-1]["state_fingerprint"])
-        if state is None:
+        saved = load_checkpoint(last / "checkpoint" / "state", done[-1]["state_fingerprint"])
+        if saved is None:
             raise RuntimeError(f"{last}: round.json is complete but its checkpoint/state is missing or other; "
                                f"remove {paths.rounds} to start over")
-        model.load_weights(state.weights)
-        model.optimizer.load_state_dict(state.optimizer)
+        model.load_weights(saved.weights)
+        model.optimizer.load_state_dict(saved.optimizer)
         say(f"rounds: resuming after round {done[-1]['round']} ({len(done)} complete in {paths.rounds})")
     rows = [{"round": 0, "samples": 0, **evaluation.base_row()}] + [r["metrics"] for r in done]
     images_per_round = rp.groups_per_round * params.sample.images_per_group
@@ -230,12 +261,15 @@ def run_rounds(params: Params, root: Path, *, on_round: Callable[[dict[str, Any]
         write_curves(rows, summary, plot=paths.rounds_plot, eval_plot=paths.rounds_eval_plot,
                      metrics=paths.rounds_metrics)
 
-    with tqdm(total=rp.count, initial=len(done), desc="rounds", unit="round", dynamic_ncols=True) as bar:
+    with tqdm(total=rp.count, initial=len(done), desc="rounds", unit="round", dynamic_ncols=True,
+              disable=not main) as bar:
         for r in range(len(done) + 1, rp.count + 1):
             started = time.time()
             rdir = round_dir(paths.rounds, r)
             previous = round_dir(paths.rounds, r - 1) / "lora"
-            if r > 1:
+            if not main:  # the main process alone records the policy in the dataset
+                policy = {}
+            elif r > 1:
                 policy = {"policy": f"round {r - 1}", "policy_lora": _relative(previous, root),
                           "policy_lora_sha256": tree_sha256(previous)}
             elif tp.init_lora:
@@ -243,12 +277,14 @@ def run_rounds(params: Params, root: Path, *, on_round: Callable[[dict[str, Any]
                           "policy_lora_sha256": tree_sha256(Path(tp.init_lora))}
             else:
                 policy = {"policy": "base"}
-            # 1. sample from the policy as it is now (round r-1's), 2. label
+            # 1. sample from the policy as it is now (round r-1's), shared as the sample stage shares it, 2. label
             group_prompts, seeds = round_prompts(prompts, rp.groups_per_round, params.sample.seed, r)
             write_trajectories(model.pipe, group_prompts, seeds, params, rdir / "trajectories", policy=policy,
                                base_sha256=base_sha, progress=lambda _: None)
             store = TrajectoryStore.open(rdir / "trajectories")
-            _label(store, judge, params, rdir / "preferences", derived_seed(params.label.simulated.seed, r))
+            if main:
+                _label(store, judge, params, rdir / "preferences", derived_seed(params.label.simulated.seed, r))
+            wait_for_everyone(state)  # the others read the labels the main process wrote
             preferences = PreferenceStore.open(rdir / "preferences")
             labels = preferences.summary()
             reward = mean_ci(_image_scores(preferences))
@@ -258,12 +294,12 @@ def run_rounds(params: Params, root: Path, *, on_round: Callable[[dict[str, Any]
                                    "sample_reward_high": reward.high}
             evaluate_now = r % rp.eval_every == 0 or r == rp.count
             if evaluate_now:  # 3. the sampling policy against the base, on pairs it has not trained on
-                row |= sampler_against_base(model, store, preferences, params)
+                row |= sampler_against_base(model, store, preferences, params, state)
             # 4. the update, with the round's own draws (train.seed and r)
             round_params = params.model_copy(update={"train": tp.model_copy(update={"seed": derived_seed(tp.seed, r)})})
             model.refresh_reference()  # previous_round: the policy this round starts from
             curve: list[dict[str, float]] = []
-            if row["pairs"]:
+            if row["pairs"]:  # the same in every process: read from the same labels
                 trained = fit(round_params, trajectories_dir=store.root, preferences_dir=preferences.root,
                               out_dir=rdir / "lora", checkpoint_dir=rdir / "checkpoint", model=model, snapshots=False,
                               progress=lambda _: None)
@@ -272,24 +308,29 @@ def run_rounds(params: Params, root: Path, *, on_round: Callable[[dict[str, Any]
                 state_fingerprint = _fit_fingerprint(round_params, preferences, store)
             else:  # every pair tied: nothing to prefer, the policy goes on unchanged
                 say(f"round {r}: all {labels.num_pairs} pairs are ties; no update this round")
-                model.save(rdir / "lora")
-                save_checkpoint(rdir / "checkpoint" / "state", fingerprint=NO_UPDATE, step=0, weights=model.weights(),
-                                optimizer_state=model.optimizer.state_dict(), precomputed={}, curve=[])
+                if main:
+                    model.save(rdir / "lora")
+                    save_checkpoint(rdir / "checkpoint" / "state", fingerprint=NO_UPDATE, step=0,
+                                    weights=model.weights(), optimizer_state=model.optimizer.state_dict(),
+                                    precomputed={}, curve=[])
                 state_fingerprint = NO_UPDATE
             if evaluate_now:  # 5. the policy after the update on the evaluation prompts
                 row |= evaluation.of(model.pipe)
             row["seconds"] = round(time.time() - started, 2)
-            # 6. record: round.json last, so the round counts as complete only once everything is written
-            write_record(rdir, {"round": r, "fingerprint": fingerprint, "state_fingerprint": state_fingerprint,
-                                "policy": policy, "metrics": row, "train_curve": curve})
             rows.append(row)
             computed.append(r)
-            finish()
-            say(_round_line(row, rp.count))
-            if on_round is not None:
-                on_round(row)
-            bar.set_postfix(reward=f"{row['sample_reward']:.4g}")
-            bar.update()
+            if main:  # 6. record: round.json last, so the round counts as complete only once everything is written
+                write_record(rdir, {"round": r, "fingerprint": fingerprint, "state_fingerprint": state_fingerprint,
+                                    "policy": policy, "metrics": row, "train_curve": curve})
+                finish()
+                say(_round_line(row, rp.count))
+                if on_round is not None:
+                    on_round(row)
+                bar.set_postfix(reward=f"{row['sample_reward']:.4g}")
+                bar.update()
+            wait_for_everyone(state)  # the round is on disk (the next one names its LoRA) when any process goes on
+    if not main:
+        return None
     if not summary:
         finish()
     draw_curves(rows, paths.rounds_figure, judge=params.eval_judge,

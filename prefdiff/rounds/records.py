@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from prefdiff.config import Params
+from prefdiff.config import EXECUTION_KEYS, Params
 from prefdiff.data.atomic import atomic_write_json, atomic_write_text
 
 ROUND_JSON = "round.json"
@@ -87,14 +87,15 @@ def code_sha256() -> str:
 
 def rounds_config(params: Params) -> dict[str, Any]:
     """The params a round reads (the rounds stage's DVC params list, pipelines/rounds/dvc.yaml): every
-    section's keys that decide it, but ``rounds.count`` (more rounds append) and ``sample.lora`` /
-    ``sample.groups_per_prompt`` (the single round's, not read here)."""
+    section's keys that decide it, but ``rounds.count`` (more rounds append), ``sample.lora`` /
+    ``sample.groups_per_prompt`` (the single round's, not read here) and the ``EXECUTION_KEYS``
+    (``rounds.num_processes``: the rounds are the one process's, so a run may resume with another count)."""
     return {
         "model": params.model.model_dump(), "sampling": params.sampling.model_dump(),
         "sample": {k: v for k, v in params.sample.in_use().items() if k not in {"groups_per_prompt", "lora"}},
         "label": params.label.model_dump(include=LABEL_KEYS), "train": params.train.in_use(),
         "evaluate": params.evaluate.model_dump(include=EVALUATE_KEYS),
-        "rounds": params.rounds.model_dump(exclude={"count"}),
+        "rounds": params.rounds.model_dump(exclude={"count"} | EXECUTION_KEYS),
     }
 
 
