@@ -85,6 +85,24 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def run_worker(worker: str, spec: Path, *, processes: int = 1, stage: str = "", timeout: int = 600) -> None:
+    """The test worker script ``worker`` on ``spec``: as this one plain process, or as ``processes`` processes
+    launched by the command ``stage``'s ``relaunch`` runs (``launch_command``: over gloo on the CPU, on a free
+    port) with the worker in place of the stage's module. One thread per process (OMP_NUM_THREADS=1: one process
+    and launched ones run the same kernels), this checkout importable; a non-zero exit fails the test with the
+    output's tail."""
+    command = [sys.executable]
+    if processes > 1:
+        from stages._common import launch_command
+
+        command = launch_command(stage, processes, environ={})  # on a free port
+        assert command[-2:] == ["-m", f"stages.{stage}"] and command[command.index("--num_processes") + 1] == str(processes)
+        command = command[:-2]
+    proc = subprocess.run(command + [worker, str(spec)], env=venv_env({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -11,16 +11,12 @@ in 3 phases (the base, an epoch snapshot and the trained model, both full UNets)
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import venv_env
-from stages._common import free_port, launch_command
+from conftest import run_worker
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).parent / "eval_worker.py")
 PHASES = 3  # the baseline, epoch 1's snapshot, the trained model
 SEEDS = list(range(1000, 1009))  # evaluate.seed 1000: prompt i, image j -> 1000 + 3i + j
@@ -63,12 +59,6 @@ def trained_model(tmp: Path) -> Path:
     return trained
 
 
-def run(command: list[str], spec: Path) -> None:
-    proc = subprocess.run(command + [WORKER, str(spec)], env=venv_env({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """{processes: (workspace, [per-process report])} for 1 process and 2 launched ones."""
@@ -81,12 +71,7 @@ def evaluated(tmp_path_factory):
         spec = tmp / f"spec-{processes}.json"
         spec.write_text(json.dumps({"params": params(tmp, processes), "trained": str(trained), "workspace": str(ws),
                                     "report": str(report)}))
-        if processes == 1:
-            run([sys.executable], spec)
-        else:
-            command = launch_command("evaluate", processes, environ={})
-            assert command[-2:] == ["-m", "stages.evaluate"] and command[command.index("--num_processes") + 1] == "2"
-            run(command[:-2] + ["--main_process_port", str(free_port())], spec)
+        run_worker(WORKER, spec, processes=processes, stage="evaluate")
         out[processes] = (ws, [json.loads((report / f"rank-{r}.json").read_text()) for r in range(processes)])
     return out
 

@@ -13,22 +13,19 @@ round 2's data and the metrics within what that rounding allows (see ``test_roun
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import venv_env
-from prefdiff.config import merged, parse_params
+from conftest import run_worker
+from prefdiff.config import merged
 from prefdiff.models.lora import LORA_WEIGHT_NAME
-from stages._common import launch_command
-from test_ddp import RTOL, SHARED, free_port
+from prefdiff.rounds.loop import NO_UPDATE
+from test_ddp import RTOL, SHARED
 from test_rounds import LOGP_ATOL, TINY
 
-REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).parent / "rounds_worker.py")
 # the stroke judge (mean ink) moves by a pixel's share when the last bits of a sample change, where the JPEG size
 # of test_rounds' judge may jump by a byte and flip a pair; batches of 2 groups and 2 evaluation images: 2 each
@@ -36,36 +33,28 @@ OVERRIDES = {"sample": {"batch_size": 4}, "label": {"judge": "stroke_bold"}, "tr
              "evaluate": {"batch_size": 2}}
 
 
-def params(count: int, processes: int) -> dict:
-    return merged(TINY, OVERRIDES | {"rounds": {"count": count, "num_processes": processes}})
-
-
-def run(command: list[str], spec: Path) -> None:
-    proc = subprocess.run(command + [WORKER, str(spec)], env=venv_env({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def params(count: int, processes: int, **more) -> dict:
+    return merged(TINY, merged(OVERRIDES, more) | {"rounds": {"count": count, "num_processes": processes}})
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """{name: (workspace, [per-process report])}: "one" (1 plain process), "two" (2 launched processes), and
-    "resumed" (2 launched processes: 1 round, then 2)."""
+    """{name: (workspace, [per-process report])}: "one" (1 plain process), "two" (2 launched processes),
+    "resumed-1" then "resumed" (2 launched processes, one workspace: a run of 1 round, then a run of 2), and "ties"
+    (2 launched processes, every pair a tie: no process trains)."""
     tmp = tmp_path_factory.mktemp("roundshards")
     out = {}
-    for processes, runs in ((1, [("one", 2)]), (2, [("two", 2), ("resumed", 1), ("resumed", 2)])):
+    ties = {"label": {"tie_margin": 1e6}}
+    for processes, runs in ((1, [("one", 2, {})]),
+                            (2, [("two", 2, {}), ("resumed", 1, {}), ("resumed", 2, {}), ("ties", 2, ties)])):
         report = tmp / f"report-{processes}"
         report.mkdir()
         spec = tmp / f"spec-{processes}.json"
         spec.write_text(json.dumps({"report": str(report), "runs": [
-            {"params": params(count, processes), "workspace": str(tmp / name)} for name, count in runs]}))
-        if processes == 1:
-            run([sys.executable], spec)
-        else:
-            command = launch_command("rounds", processes, environ={})
-            assert command[-2:] == ["-m", "stages.rounds"] and command[command.index("--num_processes") + 1] == "2"
-            run(command[:-2] + ["--main_process_port", str(free_port())], spec)
+            {"params": params(count, processes, **more), "workspace": str(tmp / name)} for name, count, more in runs]}))
+        run_worker(WORKER, spec, processes=processes, stage="rounds")
         reports = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(processes)]
-        for i, (name, _) in enumerate(runs):
+        for i, (name, _, _) in enumerate(runs):
             out.setdefault(name, []).append((tmp / name, [ranks[i] for ranks in reports]))
     return {name: found[-1] for name, found in out.items()} | {"resumed-1": out["resumed"][0]}
 
@@ -133,6 +122,7 @@ EXACT = {"round", "samples", "pairs", "ties", "train_steps", "win_rate", "win_ra
 def test_the_metrics_rows_agree(launched):
     one, two = records(launched["one"][0]), records(launched["two"][0])
     for a, b in zip(one, two):
+        assert a["fingerprint"] == b["fingerprint"]  # not rounds.num_processes: either count resumes these rounds
         assert a["metrics"].keys() == b["metrics"].keys()
         for key, value in a["metrics"].items():
             if key == "seconds":
@@ -181,4 +171,15 @@ def test_a_two_process_run_resumes_after_round_one_to_the_same_rounds(launched):
         assert {k: v for k, v in tree(round_dir(ws, r), ws).items() if k != "round.json"} == files, r
     drop = lambda record: {**record, "metrics": {k: v for k, v in record["metrics"].items() if k != "seconds"}}  # noqa: E731
     assert [drop(r) for r in records(ws)] == [drop(r) for r in records(whole)]
-    assert parse_params(params(2, 2)).rounds.num_processes == 2  # the resumed fingerprint ignores it
+
+
+def test_rounds_whose_pairs_are_all_ties_train_in_no_process(launched):
+    """No process enters fit, so none waits in a collective the others skip: both rounds end, the policy unchanged."""
+    ws, (main, other) = launched["ties"]
+    assert main["returned"] and not other["returned"] and other["wrote"] == []
+    assert [line for line in main["progress"] if "ties; no update" in line] == [
+        f"round {r}: all 4 pairs are ties; no update this round" for r in (1, 2)]
+    for record in records(ws):
+        assert (record["metrics"]["pairs"], record["metrics"]["ties"], record["state_fingerprint"]) == (0, 4, NO_UPDATE)
+    up = load_file(str(round_dir(ws, 2) / "lora" / LORA_WEIGHT_NAME))
+    assert all(float(v.abs().max()) == 0.0 for k, v in up.items() if "lora.up" in k)  # the fresh LoRA's B = 0

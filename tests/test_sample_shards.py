@@ -8,16 +8,13 @@ one partial (5 and 4 groups); small shards, so groups straddle shards.
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import venv_env
+from conftest import run_worker
 from prefdiff.config import parse_params
 from prefdiff.sampling.dataset import group_seed
-from stages._common import free_port, launch_command
 
 MODEL = {"sampling": {"num_steps": 3}}
 RUNS = {
@@ -26,14 +23,7 @@ RUNS = {
     "odd": MODEL | {"sample": {"prompt_set": "digits", "num_prompts": 3, "groups_per_prompt": 3,
                                "images_per_group": 3, "batch_size": 7, "shard_size": 4}},
 }
-REPO = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).parent / "sample_worker.py")
-
-
-def run(command: list[str], spec: Path) -> None:
-    proc = subprocess.run(command + [WORKER, str(spec)], env=venv_env({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +35,7 @@ def sampled(tmp_path_factory):
         spec = root / f"spec-{processes}.json"
         spec.write_text(json.dumps({"out": str(root / str(processes)),
                                     "runs": [{"name": name, "overrides": o} for name, o in RUNS.items()]}))
-        if processes == 1:
-            run([sys.executable], spec)
-        else:
-            command = launch_command("sample", processes, environ={})
-            assert command[-2:] == ["-m", "stages.sample"] and command[command.index("--num_processes") + 1] == "2"
-            run(command[:-2] + ["--main_process_port", str(free_port())], spec)
+        run_worker(WORKER, spec, processes=processes, stage="sample")
         reports = [json.loads((root / str(processes) / f"rank-{r}.json").read_text()) for r in range(processes)]
         out[processes] = (root / str(processes), reports)
     return out
