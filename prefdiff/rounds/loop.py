@@ -69,8 +69,7 @@ def rounds_refusal(params: Params) -> str | None:
 
 
 @dataclass
-class RoundsResult:  # the main process's
-
+class RoundsResult:  # the main process's (the others' run_rounds returns None)
     rows: list[dict[str, Any]]  # round 0 (the base's evaluation) then one per round
     summary: dict[str, Any]
     resumed: int  # rounds found complete on disk and not recomputed
