@@ -337,7 +337,9 @@ def check_compiled(model: TrainableUNet, method: Method, plan: StepPlan, seed: i
     grads = []
     for unet in (model.eager_unet, model.unet):
         unit.generator.set_state(draws)
-        with model.training_unet(unet), acc.no_sync(unet):
+        # synchronised, as a step's last backward is: under FSDP a gradient exists only once reduce-scattered (every
+        # process runs both passes); under DDP every process then holds the same averaged gradients
+        with model.training_unet(unet):
             loss, _ = method.loss(unit)
             acc.backward(loss)
         # FSDP: each process's shard of each gradient (the sums below add up the shards)
